@@ -1,0 +1,91 @@
+"""Convolutional building blocks shared by the UNet and the VAE (NHWC inside)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdjax.errors import ConfigError
+
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def maybe_remat(module_cls, enabled: bool, policy: str = "nothing_saveable", static_argnums=()):
+    """`module_cls` wrapped in `nn.remat` when `enabled` (parameter names do not change)."""
+    if not enabled:
+        return module_cls
+    if policy not in REMAT_POLICIES:
+        raise ConfigError(f"unknown remat policy {policy!r}; choose one of {sorted(REMAT_POLICIES)}")
+    return nn.remat(module_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
+
+
+def group_norm(groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
+    # Two-pass variance, as PyTorch computes it: the one-pass form loses digits on large means.
+    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=False,
+                        name=name)
+
+
+def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding: Any = None):
+    if padding is None:
+        padding = ((kernel // 2, kernel // 2),) * 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                   dtype=dtype, name=name)
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers' ResnetBlock2D: GroupNorm-SiLU-conv twice, optional time embedding, 1x1 shortcut."""
+
+    out_channels: int
+    groups: int
+    eps: float
+    output_scale_factor: float = 1.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb: Optional[jax.Array] = None):
+        h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
+        h = conv(self.out_channels, 3, self.dtype, "conv1")(h)
+        if temb is not None:
+            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm2")(h))
+        h = conv(self.out_channels, 3, self.dtype, "conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, self.dtype, "conv_shortcut", padding="VALID")(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. `padding=1` pads all sides (UNet); `padding=0` pads right/bottom (VAE)."""
+
+    channels: int
+    padding: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        pad = ((1, 1), (1, 1)) if self.padding == 1 else ((0, 1), (0, 1))
+        return conv(self.channels, 3, self.dtype, "conv", stride=2, padding=pad)(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    channels: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(self.channels, 3, self.dtype, "conv")(x)

@@ -1,0 +1,206 @@
+"""StableDiffusion: the three Flax models, their parameters, tokenizer and scheduler config.
+
+    sd = StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    noise_pred = sd.unet.apply({"params": sd.params["unet"]}, latents, t, text_embeddings)
+    sd.save_pretrained("out")  # a diffusers PyTorch pipeline folder
+
+`from_config` builds the same object with random weights from a config folder (the shipped
+`configs/models/{sd15,sd21,sd21-base,tiny}` or any diffusers pipeline folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.errors import SdjaxError, WeightsError
+from sdjax.hub import COMPONENT_KINDS, resolve_model_dir
+from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from sdjax.models.config import clip_text_config, unet_config, vae_config
+from sdjax.weights.convert import load_params
+from sdjax.weights.files import find_weights, open_weights
+from sdjax.weights.export import write_pipeline
+
+log = logging.getLogger(__name__)
+
+SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "models")
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise WeightsError(f"{what} not found: {path} does not exist. Is this a diffusers "
+                           "Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, "
+                           "scheduler/)?") from None
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot read {what} {path}: {e}") from None
+
+
+def _dummy_inputs(component: str, config) -> tuple:
+    """Smallest inputs that trace each model (for eval_shape and init)."""
+    if component == "unet":
+        side = 2 ** (len(config.block_out_channels) - 1)
+        return (jnp.zeros((1, config.in_channels, side, side)), jnp.zeros((1,), jnp.int32),
+                jnp.zeros((1, 1, config.cross_attention_dim)))
+    if component == "vae":
+        side = 2 ** (len(config.block_out_channels) - 1)
+        return (jnp.zeros((1, config.in_channels, side, side)),)
+    return (jnp.zeros((1, config.max_position_embeddings), jnp.int32),)
+
+
+def build_models(configs: Mapping[str, dict], dtype=None, attention_implementation="xla",
+                 gradient_checkpointing: bool = False, remat_policy: str = "nothing_saveable"):
+    """Linen modules from the raw config dicts of 'unet', 'vae' and 'text_encoder'."""
+    dtype = dtype or jnp.float32
+    remat = dict(gradient_checkpointing=gradient_checkpointing, remat_policy=remat_policy)
+    return {
+        "unet": UNet2DConditionModel(unet_config(configs["unet"]), dtype=dtype,
+                                     attention_implementation=attention_implementation, **remat),
+        "vae": AutoencoderKL(vae_config(configs["vae"]), dtype=dtype,
+                             attention_implementation=attention_implementation),
+        "text_encoder": CLIPTextModel(clip_text_config(configs["text_encoder"]), dtype=dtype,
+                                      attention_implementation=attention_implementation, **remat),
+    }
+
+
+def param_shapes(module, component: str) -> dict:
+    """The parameter tree of `module` as ShapeDtypeStructs, computed without allocating."""
+    inputs = _dummy_inputs(component, module.config)
+    return jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+
+
+def count_params(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+class StableDiffusion:
+    """The SD pipeline's models (`.unet`, `.vae`, `.text_encoder`), `.params`, `.tokenizer` and
+    `.scheduler_config`. Parameters are plain nested dicts of host arrays."""
+
+    def __init__(self, modules: Mapping[str, Any], params: Mapping[str, Any], configs: Mapping[str, dict],
+                 tokenizer=None, scheduler_config: Optional[dict] = None, source: Optional[str] = None):
+        self.unet = modules["unet"]
+        self.vae = modules["vae"]
+        self.text_encoder = modules["text_encoder"]
+        self.params = dict(params)
+        self.configs = {k: dict(v) for k, v in configs.items()}
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config or {})
+        self.source = source
+
+    # --- construction -----------------------------------------------------------------------
+
+    @staticmethod
+    def _read_configs(folder: str) -> dict:
+        if not os.path.isdir(folder):
+            raise WeightsError(f"model folder {folder} does not exist")
+        configs = {}
+        for component in MODEL_COMPONENTS:
+            sub = os.path.join(folder, component)
+            if not os.path.isdir(sub):
+                raise WeightsError(f"{folder} has no {component}/ subfolder; a diffusers Stable "
+                                   "Diffusion folder has unet/, vae/, text_encoder/, tokenizer/ "
+                                   "and scheduler/")
+            configs[component] = _read_json(os.path.join(sub, "config.json"), f"{component} config")
+        return configs
+
+    @staticmethod
+    def _read_tokenizer(folder: str, required: bool):
+        sub = os.path.join(folder, "tokenizer")
+        if not os.path.isdir(sub):
+            if required:
+                raise WeightsError(f"{folder} has no tokenizer/ subfolder")
+            return None
+        from transformers import CLIPTokenizer
+
+        try:
+            return CLIPTokenizer.from_pretrained(sub)
+        except Exception as e:
+            raise WeightsError(f"cannot load the CLIP tokenizer from {sub}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, revision: Optional[str] = None,
+                        variant: Optional[str] = None, dtype=None,
+                        attention_implementation: Optional[str] = "xla",
+                        gradient_checkpointing: bool = False,
+                        remat_policy: str = "nothing_saveable") -> "StableDiffusion":
+        """Loads a diffusers pipeline folder or hub id (safetensors, .bin, or Flax msgpack).
+
+        `dtype` is that of the parameters and of the computation (default float32, whatever the
+        files hold); `variant` picks e.g. `diffusion_pytorch_model.fp16.safetensors`.
+        """
+        folder = resolve_model_dir(name_or_path, revision=revision, variant=variant)
+        configs = cls._read_configs(folder)
+        scheduler_config = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
+                                      "scheduler config")
+        modules = build_models(configs, dtype, attention_implementation, gradient_checkpointing,
+                               remat_policy)
+        param_dtype = dtype or jnp.float32
+        params = {}
+        for component, module in modules.items():
+            weights = find_weights(os.path.join(folder, component), COMPONENT_KINDS[component], variant)
+            source, torch_layout = open_weights(weights)
+            params[component] = load_params(source, param_shapes(module, component), component,
+                                            param_dtype, torch_layout=torch_layout)
+        tokenizer = cls._read_tokenizer(folder, required=True)
+        return cls(modules, params, configs, tokenizer, scheduler_config, source=name_or_path)
+
+    @classmethod
+    def from_config(cls, name_or_path: str = "tiny", seed: int = 0, dtype=None,
+                    attention_implementation: Optional[str] = "xla",
+                    gradient_checkpointing: bool = False, remat_policy: str = "nothing_saveable",
+                    init_params: bool = True) -> "StableDiffusion":
+        """Random weights for a shipped config (`sd15`, `sd21`, `sd21-base`, `tiny`) or a folder.
+
+        With `init_params=False` the params are ShapeDtypeStructs (for counting and AOT compiles).
+        """
+        folder = name_or_path
+        if not os.path.isdir(folder):
+            folder = os.path.join(SHIPPED_CONFIGS, name_or_path)
+            if not os.path.isdir(folder):
+                shipped = sorted(os.listdir(SHIPPED_CONFIGS))
+                raise WeightsError(f"unknown model config {name_or_path!r}: pass a folder or one of "
+                                   f"{', '.join(shipped)}")
+        configs = cls._read_configs(folder)
+        scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+        scheduler_config = _read_json(scheduler_path, "scheduler config")
+        modules = build_models(configs, dtype, attention_implementation, gradient_checkpointing,
+                               remat_policy)
+        params = {}
+        rngs = jax.random.split(jax.random.key(seed), len(modules))
+        for rng, (component, module) in zip(rngs, modules.items()):
+            inputs = _dummy_inputs(component, module.config)
+            if init_params:
+                init = jax.jit(lambda r, *x, m=module: m.init(r, *x)["params"])
+                params[component] = jax.tree_util.tree_map(np.asarray, init(rng, *inputs))
+            else:
+                params[component] = param_shapes(module, component)
+        tokenizer = cls._read_tokenizer(folder, required=False)
+        return cls(modules, params, configs, tokenizer, scheduler_config, source=folder)
+
+    # --- export -----------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str, params: Optional[Mapping[str, Any]] = None,
+                        dtype=None) -> str:
+        """Writes a diffusers PyTorch pipeline folder that `StableDiffusionPipeline.from_pretrained`
+        loads. `params` (all or some components) replaces `self.params`; `dtype` (e.g. float16)
+        converts the saved tensors. Returns the directory."""
+        merged = dict(self.params)
+        merged.update(params or {})
+        for component in MODEL_COMPONENTS:
+            leaves = jax.tree_util.tree_leaves(merged[component])
+            if leaves and isinstance(leaves[0], jax.ShapeDtypeStruct):
+                raise SdjaxError("these parameters are shapes only (from_config(init_params=False)); "
+                                 "nothing to save")
+        write_pipeline(directory, merged, self.configs, self.scheduler_config, self.tokenizer, dtype)
+        return directory

@@ -1,0 +1,1 @@
+"""diffusers/transformers weights <-> Flax parameter trees: reading, matching, exporting."""
