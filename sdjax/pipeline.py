@@ -23,6 +23,7 @@ from sdjax.errors import SdjaxError, WeightsError
 from sdjax.hub import COMPONENT_KINDS, resolve_model_dir
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from sdjax.models.config import clip_text_config, unet_config, vae_config
+from sdjax.models.init import random_params
 from sdjax.weights.convert import load_params
 from sdjax.weights.files import find_weights, open_weights
 from sdjax.weights.export import write_pipeline
@@ -177,14 +178,10 @@ class StableDiffusion:
         modules = build_models(configs, dtype, attention_implementation, gradient_checkpointing,
                                remat_policy)
         params = {}
-        rngs = jax.random.split(jax.random.key(seed), len(modules))
-        for rng, (component, module) in zip(rngs, modules.items()):
-            inputs = _dummy_inputs(component, module.config)
-            if init_params:
-                init = jax.jit(lambda r, *x, m=module: m.init(r, *x)["params"])
-                params[component] = jax.tree_util.tree_map(np.asarray, init(rng, *inputs))
-            else:
-                params[component] = param_shapes(module, component)
+        for offset, (component, module) in enumerate(modules.items()):
+            shapes = param_shapes(module, component)
+            params[component] = (random_params(shapes, seed + offset, dtype or jnp.float32)
+                                 if init_params else shapes)
         tokenizer = cls._read_tokenizer(folder, required=False)
         return cls(modules, params, configs, tokenizer, scheduler_config, source=folder)
 
