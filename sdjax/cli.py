@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers announces at import that torch is missing; sdjax only uses its tokenizer.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from sdjax.pipeline import SHIPPED_CONFIGS, StableDiffusion, count_params
 
     try:
