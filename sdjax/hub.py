@@ -29,8 +29,9 @@ def files_to_download(repo_files: list, variant: Optional[str]) -> list:
         for name in candidate_files(kind, variant):
             if f"{component}/{name}" in files:
                 if name.endswith(".index.json"):
-                    stem = name.split(".")[0]
-                    patterns += [f"{component}/{name}", f"{component}/{stem}*"]
+                    stem, ext = name.split(".")[0], "." + name.split(".")[1]
+                    shards = f"{stem}.{variant}" if variant else stem
+                    patterns += [f"{component}/{name}", f"{component}/{shards}-*-of-*{ext}"]
                 else:
                     patterns.append(f"{component}/{name}")
                 break

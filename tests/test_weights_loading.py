@@ -163,3 +163,24 @@ def test_hub_id_from_offline_cache(sd1, sd1_dir, sd2_dir, tmp_path):
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["None"][0] == pytest.approx(float(np.asarray(sd1.params["unet"]["conv_in"]["kernel"]).sum()))
     assert out["None"][1] == "epsilon" and out["v2"][1] == "v_prediction"
+
+
+def test_online_download_picks_one_weights_file_per_model():
+    """Online, only configs, tokenizer, scheduler and the preferred weights are downloaded."""
+    from sdjax.hub import files_to_download
+
+    repo = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",
+            "unet/diffusion_flax_model.msgpack", "vae/config.json", "vae/diffusion_pytorch_model.bin",
+            "text_encoder/config.json", "text_encoder/model.safetensors.index.json",
+            "text_encoder/model-00001-of-00002.safetensors", "text_encoder/flax_model.msgpack",
+            "tokenizer/vocab.json", "scheduler/scheduler_config.json"]
+    patterns = files_to_download(repo, None)
+    assert "unet/diffusion_pytorch_model.safetensors" in patterns
+    assert "vae/diffusion_pytorch_model.bin" in patterns
+    assert "text_encoder/model.safetensors.index.json" in patterns
+    assert "text_encoder/model-*-of-*.safetensors" in patterns
+    assert not any("msgpack" in p or "fp16" in p for p in patterns)
+    fp16 = files_to_download(repo, "fp16")
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in fp16
+    assert "unet/diffusion_pytorch_model.safetensors" not in fp16
