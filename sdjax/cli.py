@@ -1,8 +1,9 @@
-"""Command line of train_flax.py.
+"""Command line of train_flax.py: `train` (the default), `export`.
 
-The trainer itself lands with the training issue; until then the default command loads a model
-(a diffusers folder, a hub id, or a shipped config name for random weights) and writes it back
-as a diffusers pipeline folder, which exercises the whole load -> export path.
+    python train_flax.py [train] --pretrained_model_name_or_path ... --train_data_dir ...
+    python train_flax.py export --checkpoint OUT/checkpoints/checkpoint_N --output DIR
+
+Errors a user can fix are printed as one line (no traceback) with exit status 2.
 """
 
 from __future__ import annotations
@@ -13,42 +14,46 @@ import sys
 
 from sdjax.errors import SdjaxError
 
+COMMANDS = ("train", "export")
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train_flax.py",
-        description="sdjax: fine-tune Stable Diffusion in JAX/Flax and export to diffusers. "
-                    "Training is not implemented yet: this command loads a model and exports it.")
-    parser.add_argument("--pretrained_model_name_or_path", default="tiny",
-                        help="diffusers pipeline folder, hub id, or a shipped config name for "
-                             "random weights (tiny, sd15, sd21, sd21-base). Default: tiny.")
-    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    parser.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
-    parser.add_argument("--output_dir", default="outputs/tiny-sd",
-                        help="where the diffusers pipeline is written (default: outputs/tiny-sd)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random weights")
+
+def _quiet_libraries() -> None:
+    # transformers announces at import that torch is missing; sdjax only uses its tokenizer.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train_flax.py export", allow_abbrev=False,
+                                     description="Write a checkpoint as a diffusers pipeline.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint folder: OUTPUT_DIR/checkpoints/checkpoint_N")
+    parser.add_argument("--output", required=True, help="folder for the diffusers pipeline")
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
+                     help="export the EMA weights (the default when the run kept EMA)")
+    ema.add_argument("--no_ema", dest="ema", action="store_false", help="export the raw weights")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="dtype of the saved weights (default float32)")
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    # transformers announces at import that torch is missing; sdjax only uses its tokenizer.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from sdjax.pipeline import SHIPPED_CONFIGS, StableDiffusion, count_params
-
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    _quiet_libraries()
     try:
-        name = args.pretrained_model_name_or_path
-        if not os.path.exists(name) and os.path.isdir(os.path.join(SHIPPED_CONFIGS, name)):
-            sd = StableDiffusion.from_config(name, seed=args.seed)
-            origin = f"random weights from configs/models/{name}"
+        if command == "export":
+            from sdjax.train.export import export_checkpoint
+
+            args = export_parser().parse_args(argv)
+            export_checkpoint(args.checkpoint, args.output, ema=args.ema, dtype=args.dtype)
         else:
-            sd = StableDiffusion.from_pretrained(name, revision=args.revision, variant=args.variant)
-            origin = name
-        counts = ", ".join(f"{k} {count_params(v):,}" for k, v in sd.params.items())
-        print(f"loaded {origin}: {counts} parameters")
-        sd.save_pretrained(args.output_dir)
-        print(f"wrote diffusers pipeline to {args.output_dir} "
-              f"(load it with StableDiffusionPipeline.from_pretrained({args.output_dir!r}))")
+            from sdjax.config import parse_train_args
+            from sdjax.train.loop import train
+
+            cfg, notes = parse_train_args(argv)
+            train(cfg, notes)
     except SdjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,284 @@
+"""The run configuration: one dataclass, filled from a YAML file and/or the diffusers scripts' flags.
+
+Flag names and meanings are those of diffusers' `train_text_to_image.py` (and its Flax twin), so
+their command lines run unchanged; `--config FILE.yaml` holds the same keys, and flags given on
+the command line override the file. `validate()` checks the whole config before anything is
+downloaded or compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import re
+from typing import Optional
+
+from sdjax.errors import ConfigError
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # Model
+    pretrained_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    prediction_type: Optional[str] = None
+    # Data
+    dataset_name: Optional[str] = None
+    dataset_config_name: Optional[str] = None
+    train_data_dir: Optional[str] = None
+    image_column: str = "image"
+    caption_column: str = "text"
+    max_train_samples: Optional[int] = None
+    cache_dir: Optional[str] = None
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = False
+    dataloader_num_workers: int = 0
+    # Batch and schedule
+    train_batch_size: int = 16
+    num_train_epochs: int = 100
+    max_train_steps: Optional[int] = None
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    # Loss
+    snr_gamma: Optional[float] = None
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    # Precision and EMA
+    mixed_precision: Optional[str] = None
+    use_ema: bool = False
+    # Output, logging, checkpoints
+    output_dir: str = "sd-model-finetuned"
+    logging_dir: str = "logs"
+    report_to: str = "tensorboard"
+    logging_steps: int = 10
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: Optional[int] = None
+    resume_from_checkpoint: Optional[str] = None
+    seed: Optional[int] = None
+    # JAX specifics
+    attention_implementation: Optional[str] = "xla"
+    remat_policy: str = "nothing_saveable"
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+    # ---------------------------------------------------------------------------------------
+
+    @property
+    def compute_dtype_name(self) -> str:
+        """bf16 for both 'bf16' and 'fp16' (see README: fp16 runs as bf16), else float32."""
+        return "bfloat16" if self.mixed_precision in ("fp16", "bf16") else "float32"
+
+    @property
+    def run_seed(self) -> int:
+        return 0 if self.seed is None else self.seed
+
+    def validate(self) -> "TrainConfig":
+        problems = []
+        if not self.pretrained_model_name_or_path:
+            problems.append("--pretrained_model_name_or_path is required (a diffusers folder, a "
+                            "hub id, or a shipped config name such as 'tiny')")
+        if not self.dataset_name and not self.train_data_dir:
+            problems.append("give --dataset_name or --train_data_dir")
+        if self.resolution <= 0 or self.resolution % 8:
+            problems.append(f"--resolution={self.resolution} must be a positive multiple of 8 "
+                            "(the VAE downsamples by 8)")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                     "checkpointing_steps", "logging_steps"):
+            if getattr(self, name) is None or getattr(self, name) < 1:
+                problems.append(f"--{name} must be at least 1")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            problems.append("--max_train_steps must be at least 1")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            problems.append("--checkpoints_total_limit must be at least 1")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(f"--lr_scheduler={self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"--mixed_precision={self.mixed_precision!r}: choose no, fp16 or bf16")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            problems.append(f"--prediction_type={self.prediction_type!r}: choose epsilon or v_prediction")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            problems.append("--snr_gamma must be positive (5.0 is the recommended value)")
+        if self.learning_rate <= 0:
+            problems.append("--learning_rate must be positive")
+        if self.report_to not in ("tensorboard", "wandb", "none", "all"):
+            problems.append(f"--report_to={self.report_to!r}: choose tensorboard, wandb or none")
+        if self.attention_implementation not in ("xla", "cudnn", None):
+            problems.append(f"--attention_implementation={self.attention_implementation!r}: "
+                            "choose xla or cudnn")
+        if self.train_data_dir and not os.path.isdir(self.train_data_dir):
+            problems.append(f"--train_data_dir {self.train_data_dir} is not a directory")
+        if self.resume_from_checkpoint is not None and not _is_checkpoint_ref(self.resume_from_checkpoint):
+            problems.append(f"--resume_from_checkpoint={self.resume_from_checkpoint!r}: give latest, "
+                            "checkpoint-N, N or a checkpoint path")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            problems.append(f"--output_dir {self.output_dir} exists and is not a directory")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+
+def _is_checkpoint_ref(ref: str) -> bool:
+    return ref == "latest" or bool(re.fullmatch(r"(checkpoint-)?\d+", ref)) or os.path.exists(ref)
+
+
+# Flags of the diffusers scripts that mean nothing here: accepted, with a one-line note.
+NOOP_FLAGS = {
+    "enable_xformers_memory_efficient_attention":
+        "xFormers is PyTorch-only; attention is fused by XLA (or --attention_implementation cudnn)",
+    "allow_tf32": "TF32 is a PyTorch/CUDA setting; JAX chooses matmul precision itself",
+    "use_8bit_adam": "8-bit Adam (bitsandbytes) is PyTorch-only; optax AdamW is used",
+    "foreach_ema": "EMA is one fused update inside the jitted step",
+    "offload_ema": "EMA lives sharded with the parameters on the devices",
+    "non_ema_revision": "not used: the non-EMA weights are the ones loaded",
+    "local_rank": "processes are started per host; see --coordinator_address",
+    "tracker_project_name": "used by wandb only",
+    "push_to_hub": "not supported yet: upload output_dir with `huggingface-cli upload`",
+    "hub_token": "not supported yet", "hub_model_id": "not supported yet",
+    "validation_epochs": "validation images are not implemented yet",
+    "validation_prompts": "validation images are not implemented yet",
+    "validation_prompt": "validation images are not implemented yet",
+    "dream_training": None, "dream_detail_preservation": None,
+}
+# Of those, the ones taking a value (the rest are store_true switches).
+_NOOP_WITH_VALUE = {"non_ema_revision", "local_rank", "tracker_project_name", "hub_token",
+                    "hub_model_id", "validation_epochs", "dream_detail_preservation"}
+_NOOP_MULTI = {"validation_prompts", "validation_prompt"}
+
+
+def _field_type(field: dataclasses.Field):
+    t = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    for name, py in (("bool", bool), ("int", int), ("float", float)):
+        if re.search(rf"\b{name}\b", t):
+            return py
+    return str
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_flax.py", argument_default=argparse.SUPPRESS, allow_abbrev=False,
+        description="Fine-tune Stable Diffusion with JAX. Flags are those of diffusers' "
+                    "train_text_to_image.py; --config FILE.yaml holds the same keys.")
+    parser.add_argument("--config", help="YAML file with any of the flags below as keys")
+    for field in dataclasses.fields(TrainConfig):
+        kind = _field_type(field)
+        flag = f"--{field.name}"
+        if kind is bool:
+            # `--use_ema` as in diffusers; `--use_ema=false` to switch off what a file set.
+            parser.add_argument(flag, nargs="?", const=True, type=_bool, metavar="BOOL")
+        else:
+            parser.add_argument(flag, type=kind, metavar=field.name.upper())
+    for name in NOOP_FLAGS:
+        if name in _NOOP_MULTI:
+            parser.add_argument(f"--{name}", nargs="*", help=argparse.SUPPRESS)
+        elif name in _NOOP_WITH_VALUE:
+            parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(f"--{name}", nargs="?", const=True, help=argparse.SUPPRESS)
+    return parser
+
+
+def _suggest(unknown: str, valid: list) -> str:
+    name = unknown.split("=", 1)[0].lstrip("-")
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of flag names to values")
+    return data
+
+
+def parse_train_args(argv: list) -> tuple:
+    """-> (TrainConfig, notes). Unknown flags raise ConfigError naming the closest valid one."""
+    parser = build_parser()
+    valid = [f.name for f in dataclasses.fields(TrainConfig)] + ["config"]
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        raise ConfigError(f"unknown flag {flag}{_suggest(flag, valid)}; "
+                          "see `python train_flax.py --help`")
+    given = vars(args)
+    values = {}
+    if "config" in given:
+        # Paths in the file are relative to the working directory, like those of flags.
+        values.update(_read_yaml(given.pop("config")))
+    notes = []
+    for name in list(given) + [k for k in list(values) if k in NOOP_FLAGS]:
+        if name in NOOP_FLAGS:
+            value = given.pop(name, values.pop(name, None))
+            reason = NOOP_FLAGS[name]
+            if reason is None:
+                raise ConfigError(f"--{name} is not supported by sdjax")
+            if value not in (None, False):
+                notes.append(f"--{name}: ignored ({reason})")
+    values.update(given)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = [k for k in values if k not in fields]
+    if bad:
+        raise ConfigError(f"unknown key {bad[0]!r} in the config file{_suggest(bad[0], valid)}")
+    try:
+        config = TrainConfig(**values)
+    except TypeError as e:
+        raise ConfigError(f"invalid config: {e}") from None
+    _check_types(config)
+    return config, notes
+
+
+def _check_types(config: TrainConfig) -> None:
+    """YAML values arrive untyped: coerce numbers, reject what cannot be coerced."""
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(config, field.name)
+        if value is None:
+            continue
+        kind = _field_type(field)
+        try:
+            if kind is bool and not isinstance(value, bool):
+                value = _bool(str(value))
+            elif kind in (int, float) and not isinstance(value, bool):
+                value = kind(value)
+                if kind is int and float(getattr(config, field.name)) != value:
+                    raise ValueError
+            elif kind is str:
+                value = str(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            raise ConfigError(f"{field.name}: expected {kind.__name__}, got {value!r}") from None
+        setattr(config, field.name, value)
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)

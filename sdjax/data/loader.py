@@ -1,0 +1,130 @@
+"""Per-host batches: a deterministic sample order, image transforms, tokenization, prefetch.
+
+The order of samples is a pure function of (seed, position): epoch e is the permutation
+`default_rng([seed, e])` of the data set, cut into global micro-batches (the last partial one is
+dropped); each host takes its own contiguous rows of every global micro-batch, so no sample is
+read by two hosts and a resumed run continues at exactly the sample it stopped at. Random crop,
+flip and caption choice are seeded by the sample's global position, so they do not depend on
+how many hosts or workers there are.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from sdjax.data.sources import CaptionedImages
+
+
+def transform_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Shorter side to `resolution` (Lanczos), square crop, optional flip -> float32 CHW in [-1, 1]."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    w, h = image.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), np.float32)
+    if random_flip and rng.random() < 0.5:
+        array = array[:, ::-1]
+    return np.ascontiguousarray(array.transpose(2, 0, 1)) / 127.5 - 1.0
+
+
+class Loader:
+    """Yields this host's part of each optimizer step's batch: arrays shaped (k, rows, ...)."""
+
+    def __init__(self, images: CaptionedImages, tokenizer, *, global_batch: int,
+                 accumulation_steps: int, process_index: int, process_count: int, seed: int,
+                 resolution: int, center_crop: bool, random_flip: bool, num_workers: int = 0,
+                 prefetch: int = 2):
+        if global_batch % process_count:
+            raise ValueError("the global batch must divide evenly among hosts")
+        self.images = images
+        self.tokenizer = tokenizer
+        self.global_batch = global_batch
+        self.k = accumulation_steps
+        self.rows = global_batch // process_count
+        self.first_row = process_index * self.rows
+        self.seed = seed
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.workers = max(1, num_workers or 4)
+        self.prefetch = prefetch
+        self.batches_per_epoch = len(images) // global_batch
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+
+    def sample_indices(self, micro_batch: int) -> np.ndarray:
+        """Data set indices of this host's rows of global micro-batch number `micro_batch`."""
+        epoch, b = divmod(micro_batch, self.batches_per_epoch)
+        start = b * self.global_batch + self.first_row
+        return self._order(epoch)[start:start + self.rows]
+
+    def _sample(self, micro_batch: int, row: int, index: int):
+        position = micro_batch * self.global_batch + self.first_row + row
+        rng = np.random.default_rng([self.seed, 1, position])
+        pixels = transform_image(self.images.image(index), self.resolution, self.center_crop,
+                                 self.random_flip, rng)
+        caption = self.images.caption(index)
+        if not isinstance(caption, str):  # several captions: one at random, as diffusers does
+            options = [c for c in caption if isinstance(c, str) and c.strip()]
+            caption = options[int(rng.integers(len(options)))]
+        return pixels, caption
+
+    def _micro_batch(self, pool, micro_batch: int):
+        indices = self.sample_indices(micro_batch)
+        samples = list(pool.map(lambda a: self._sample(micro_batch, *a), enumerate(indices)))
+        ids = self.tokenizer([c for _, c in samples], padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="np").input_ids
+        return np.stack([p for p, _ in samples]), ids.astype(np.int32)
+
+    def step_batch(self, pool, step: int) -> dict:
+        parts = [self._micro_batch(pool, step * self.k + j) for j in range(self.k)]
+        return {"pixel_values": np.stack([p for p, _ in parts]),
+                "input_ids": np.stack([i for _, i in parts])}
+
+    def iterate(self, start_step: int) -> Iterator[dict]:
+        """Batches for optimizer steps start_step, start_step + 1, ... built ahead in a thread."""
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            with ThreadPoolExecutor(self.workers) as pool:
+                step = start_step
+                while not stop.is_set():
+                    try:
+                        item = self.step_batch(pool, step)
+                    except BaseException as e:  # surfaces in the consumer
+                        item = e
+                    while not stop.is_set():
+                        try:
+                            out.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if isinstance(item, BaseException):
+                        return
+                    step += 1
+
+        thread = threading.Thread(target=produce, daemon=True, name="sdjax-data")
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()

@@ -1,0 +1,1 @@
+"""Training: state and pure step, optimizer, checkpoints, metrics, the loop."""

@@ -1,0 +1,256 @@
+"""The training run: data -> jitted step -> checkpoints -> diffusers export."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax import __version__
+from sdjax.config import TrainConfig, config_to_dict
+from sdjax.data import Loader, open_dataset
+from sdjax.errors import ConfigError, SdjaxError
+from sdjax.parallel import (global_batch, initialize_distributed, make_mesh, replicate, replicated,
+                            batch_sharded)
+from sdjax.schedule import NoiseSchedule
+from sdjax.train import checkpoint as ckpt
+from sdjax.train.metrics import MetricsWriter
+from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
+from sdjax.train.step import LossConfig, TrainState, init_state, make_loss_fn, make_train_step
+
+log = logging.getLogger("sdjax")
+
+
+class TrainingStopped(SdjaxError):
+    """The run stopped on its own account (NaN loss); the message says where and what is kept."""
+
+
+def enable_compilation_cache() -> None:
+    path = os.environ.get("SDJAX_COMPILATION_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "sdjax", "xla"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def load_base_model(name: str, seed: int, revision=None, variant=None):
+    """A diffusers folder or hub id, or a shipped config name (random weights from `seed`)."""
+    from sdjax.pipeline import SHIPPED_CONFIGS, StableDiffusion
+
+    if not os.path.exists(name) and os.path.isdir(os.path.join(SHIPPED_CONFIGS, name)):
+        return StableDiffusion.from_config(name, seed=seed)
+    return StableDiffusion.from_pretrained(name, revision=revision, variant=variant)
+
+
+def host_copy(tree):
+    """Host numpy copy of a replicated tree (works on multi-host arrays too)."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+class _Preemption:
+    """SIGTERM (TPU preemption, job schedulers) asks the loop to checkpoint and stop."""
+
+    def __init__(self):
+        self.requested = False
+        if jax.process_count() == 1 and threading_is_main():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
+    cfg.validate()
+    enable_compilation_cache()
+    initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    is_main = jax.process_index() == 0
+    for note in notes or []:
+        if is_main:
+            print(f"note: {note}")
+    if cfg.output_dir and is_main:
+        try:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create --output_dir {cfg.output_dir}: {e.strerror}") from None
+        if not os.access(cfg.output_dir, os.W_OK):
+            raise ConfigError(f"--output_dir {cfg.output_dir} is not writable")
+
+    seed = cfg.run_seed
+    images = open_dataset(cfg.dataset_name, cfg.dataset_config_name, cfg.train_data_dir,
+                          cfg.image_column, cfg.caption_column, cfg.max_train_samples,
+                          cfg.cache_dir, seed)
+    n_devices, n_hosts = jax.device_count(), jax.process_count()
+    k = cfg.gradient_accumulation_steps
+    global_rows = cfg.train_batch_size * n_devices
+    if len(images) < global_rows:
+        raise ConfigError(f"the data set has {len(images)} images, fewer than one global batch "
+                          f"({cfg.train_batch_size} per device x {n_devices} devices = {global_rows}): "
+                          "lower --train_batch_size or add images")
+
+    sd = load_base_model(cfg.pretrained_model_name_or_path, seed, cfg.revision, cfg.variant)
+    if sd.tokenizer is None:
+        raise ConfigError(f"{cfg.pretrained_model_name_or_path} has no tokenizer/")
+    schedule = NoiseSchedule.from_config(sd.scheduler_config, cfg.prediction_type)
+    loader = Loader(images, sd.tokenizer, global_batch=global_rows, accumulation_steps=k,
+                    process_index=jax.process_index(), process_count=n_hosts, seed=seed,
+                    resolution=cfg.resolution, center_crop=cfg.center_crop,
+                    random_flip=cfg.random_flip, num_workers=cfg.dataloader_num_workers)
+    max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * loader.batches_per_epoch / k)
+
+    peak_lr = cfg.learning_rate * (k * cfg.train_batch_size * n_devices if cfg.scale_lr else 1)
+    lr_schedule = learning_rate_schedule(cfg.lr_scheduler, peak_lr, cfg.lr_warmup_steps, max_steps)
+    tx = make_optimizer(lr_schedule, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2,
+                        eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay,
+                        max_grad_norm=cfg.max_grad_norm)
+
+    from sdjax.pipeline import build_models
+
+    dtype = jnp.dtype(cfg.compute_dtype_name)
+    models = build_models(sd.configs, dtype, cfg.attention_implementation,
+                          cfg.gradient_checkpointing, cfg.remat_policy)
+    loss_fn = make_loss_fn(models["unet"], models["vae"], models["text_encoder"], schedule,
+                           LossConfig(cfg.noise_offset, cfg.input_perturbation, cfg.snr_gamma))
+    base_step = make_train_step(loss_fn, tx, lr_schedule)
+    base_key = jax.random.key(seed)
+
+    mesh = make_mesh()
+    repl = replicated(mesh)
+    frozen = replicate({c: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), sd.params[c])
+                        for c in ("vae", "text_encoder")}, mesh)
+    state = jax.jit(lambda p: init_state(p, tx, cfg.use_ema), out_shardings=repl)(
+        replicate(sd.params["unet"], mesh))
+
+    manager = ckpt.make_manager(ckpt.checkpoint_dir(cfg.output_dir), cfg.checkpoints_total_limit)
+    start_step = 0
+    if cfg.resume_from_checkpoint:
+        resume = ckpt.resolve_step(manager, cfg.resume_from_checkpoint)
+        if resume is None:
+            print(f"checkpoint '{cfg.resume_from_checkpoint}' does not exist; starting a new run")
+        else:
+            abstract = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            state, meta = ckpt.restore(manager, resume, abstract)
+            start_step = int(resume)
+            _warn_on_changed_data(meta, global_rows, k, seed, is_main)
+
+    step_fn = jax.jit(lambda s, f, b: base_step(s, f, b, base_key),
+                      in_shardings=(repl, repl, batch_sharded(mesh, 1)), out_shardings=(repl, repl),
+                      donate_argnums=(0,))
+    meta_base = {"sdjax_version": __version__, "config": config_to_dict(cfg),
+                 "base_model": {"pretrained_model_name_or_path": cfg.pretrained_model_name_or_path,
+                                "revision": cfg.revision, "variant": cfg.variant, "seed": seed},
+                 "global_batch": global_rows, "accumulation": k, "seed": seed}
+
+    if is_main:
+        print(f"sdjax {__version__}: {n_hosts} host(s), {n_devices} device(s) "
+              f"({jax.devices()[0].platform}); per-device batch {cfg.train_batch_size}, "
+              f"global batch {global_rows}, accumulation {k}, effective batch {global_rows * k}")
+        print(f"data: {len(images)} images from {images.where}, {loader.batches_per_epoch} "
+              f"global batches per epoch; training steps {start_step} -> {max_steps}; "
+              f"compute {dtype.name}, EMA {'on' if cfg.use_ema else 'off'}, "
+              f"prediction {schedule.prediction_type}")
+
+    writer = MetricsWriter(cfg, is_main)
+    preemption = _Preemption()
+    saved_steps = set(manager.all_steps())
+    try:
+        state = _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, writer,
+                           preemption, start_step, max_steps, global_rows * k, is_main, saved_steps)
+    finally:
+        manager.wait_until_finished()
+        writer.close()
+    if state is None:  # preempted: checkpoint written, no export
+        manager.close()
+        return cfg.output_dir
+    manager.close()
+
+    unet_params = host_copy(state.ema if cfg.use_ema else state.params)
+    if is_main:
+        sd.save_pretrained(cfg.output_dir, params={"unet": unet_params})
+        print(f"saved the {'EMA ' if cfg.use_ema else ''}weights as a diffusers pipeline in "
+              f"{cfg.output_dir}")
+    return cfg.output_dir
+
+
+def _warn_on_changed_data(meta, global_rows, k, seed, is_main):
+    before = (meta.get("global_batch"), meta.get("accumulation"), meta.get("seed"))
+    if before != (global_rows, k, seed) and is_main:
+        print(f"warning: the checkpoint was written with global batch {before[0]}, accumulation "
+              f"{before[1]}, seed {before[2]}; this run uses {global_rows}, {k}, {seed}, so it "
+              "will not see the same samples an uninterrupted run would have")
+
+
+def _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, writer, preemption,
+               start_step, max_steps, images_per_step, is_main, saved_steps):
+    from tqdm.auto import tqdm
+
+    if start_step >= max_steps:
+        return state
+    bar = tqdm(total=max_steps, initial=start_step, disable=not is_main, desc="steps",
+               dynamic_ncols=True)
+    batches = loader.iterate(start_step)
+    window_start, window_steps = time.perf_counter(), 0
+    last_good = max(saved_steps) if saved_steps else None
+    try:
+        for step in range(start_step, max_steps):
+            batch = global_batch(next(batches), mesh, sample_axis=1)
+            if step == start_step:
+                t0 = time.perf_counter()
+                compiled = step_fn.lower(state, frozen, batch).compile()
+                if is_main:
+                    print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+                window_start = time.perf_counter()
+            state, metrics = compiled(state, frozen, batch)
+            window_steps += 1
+            done = step + 1
+            log_now = done % cfg.logging_steps == 0 or done == max_steps
+            save_now = done % cfg.checkpointing_steps == 0
+            stop_now = preemption.should_stop(done)
+            if log_now or save_now or stop_now:
+                values = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
+                if not math.isfinite(values["loss"]):
+                    kept = f"checkpoint_{last_good}" if last_good is not None else "no checkpoint"
+                    raise TrainingStopped(f"loss is {values['loss']} at step {done}; stopping. The "
+                                          f"last good checkpoint is {kept} in "
+                                          f"{ckpt.checkpoint_dir(cfg.output_dir)}")
+                elapsed = time.perf_counter() - window_start
+                values["images_per_sec"] = window_steps * images_per_step / max(elapsed, 1e-9)
+                writer.scalars(done, values)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                img_s=f"{values['images_per_sec']:.1f}")
+                window_start, window_steps = time.perf_counter(), 0
+            bar.update(1)
+            if save_now or stop_now:
+                meta = dict(meta_base, step=done, micro_batches_consumed=done * loader.k)
+                ckpt.save(manager, done, state, meta, force=stop_now)
+                last_good = done
+            if stop_now:
+                manager.wait_until_finished()
+                if is_main:
+                    print(f"stopped by SIGTERM at step {done}: checkpoint saved; continue with "
+                          "--resume_from_checkpoint latest")
+                return None
+    finally:
+        bar.close()
+        batches.close()
+    return state

@@ -1,0 +1,50 @@
+"""optax AdamW with global-norm clipping and the diffusers learning-rate schedules; EMA decay."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(name: str, peak: float, warmup_steps: int, total_steps: int):
+    """diffusers' `get_scheduler` shapes, as a function of the optimizer step count.
+
+    constant: peak throughout (warmup ignored, as in diffusers); constant_with_warmup: linear
+    0 -> peak over warmup_steps; linear / cosine: that warmup, then down to 0 at total_steps.
+    """
+    warmup = max(0, int(warmup_steps))
+    total = max(1, int(total_steps))
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        ramp = jnp.minimum(1.0, count / max(1, warmup)) if warmup else 1.0
+        progress = jnp.clip((count - warmup) / max(1, total - warmup), 0.0, 1.0)
+        if name == "constant":
+            factor = jnp.ones_like(count)
+        elif name == "constant_with_warmup":
+            factor = ramp
+        elif name == "linear":
+            factor = jnp.where(count < warmup, ramp, 1.0 - progress)
+        elif name == "cosine":
+            factor = jnp.where(count < warmup, ramp, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+        else:
+            raise ValueError(f"unknown lr scheduler {name!r}")
+        return peak * factor
+
+    return schedule
+
+
+def make_optimizer(schedule, *, beta1: float, beta2: float, eps: float, weight_decay: float,
+                   max_grad_norm: float) -> optax.GradientTransformation:
+    parts = []
+    if max_grad_norm and max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(max_grad_norm))
+    parts.append(optax.adamw(schedule, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+def ema_decay(optimizer_steps, max_decay: float = 0.9999):
+    """diffusers EMAModel's decay after `optimizer_steps` updates (no warmup, update_after_step=0):
+    0 for the first update (the EMA starts as a copy), then (1 + s) / (10 + s), capped."""
+    s = jnp.asarray(optimizer_steps, jnp.float32) - 1.0
+    return jnp.where(s <= 0, 0.0, jnp.minimum(max_decay, (1.0 + s) / (10.0 + s)))

@@ -1,0 +1,112 @@
+"""The training state and the pure, jitted update step.
+
+`train_step(state, frozen, batch, key) -> (state, metrics)`: state = {step, params, opt_state,
+ema}; frozen = VAE and text encoder parameters (never donated); batch arrays are shaped
+(k micro-batches, global rows, ...). Gradients are averaged over the k micro-batches in a
+`lax.scan`, so one call is one optimizer step whatever the accumulation.
+
+Every random draw of a sample (latent sample, noise, timestep, offset noise, perturbation) comes
+from `fold_in(fold_in(key, step), sample_position)`: the same sample gets the same noise whether
+it arrives in one batch of B or in k micro-batches of B/k, on one host or on many.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from sdjax.schedule import NoiseSchedule
+from sdjax.train.optimizer import ema_decay
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema: Optional[Any] = None
+
+
+def init_state(params, tx: optax.GradientTransformation, use_ema: bool) -> TrainState:
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema=jax.tree_util.tree_map(jnp.copy, params) if use_ema else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    snr_gamma: Optional[float] = None
+
+
+def _per_sample_draws(key, positions, latent_shape, num_timesteps):
+    def draw(position):
+        k = jax.random.split(jax.random.fold_in(key, position), 5)
+        return (jax.random.normal(k[0], latent_shape),           # latent sample
+                jax.random.normal(k[1], latent_shape),           # noise
+                jax.random.randint(k[2], (), 0, num_timesteps),  # timestep
+                jax.random.normal(k[3], latent_shape[:1] + (1, 1)),  # offset noise
+                jax.random.normal(k[4], latent_shape))           # input perturbation
+    return jax.vmap(draw)(positions)
+
+
+def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: LossConfig):
+    def loss_fn(unet_params, frozen, batch, key, first_position):
+        pixels, input_ids = batch["pixel_values"], batch["input_ids"]
+        rows = pixels.shape[0]
+        dist = vae.apply({"params": frozen["vae"]}, pixels, method="encode")
+        mean = jax.lax.stop_gradient(dist.mean.astype(jnp.float32))
+        std = jax.lax.stop_gradient(dist.std.astype(jnp.float32))
+        positions = first_position + jnp.arange(rows)
+        z, noise, t, offset, perturb = _per_sample_draws(key, positions, mean.shape[1:],
+                                                         schedule.num_train_timesteps)
+        latents = (mean + std * z) * vae.scaling_factor
+        if loss_config.noise_offset:
+            noise = noise + loss_config.noise_offset * offset
+        noised_with = noise + loss_config.input_perturbation * perturb if loss_config.input_perturbation else noise
+        noisy = schedule.add_noise(latents, noised_with, t)
+        context = jax.lax.stop_gradient(
+            text_encoder.apply({"params": frozen["text_encoder"]}, input_ids))
+        pred = unet.apply({"params": unet_params}, noisy, t, context).astype(jnp.float32)
+        target = schedule.target(latents, noise, t)
+        per_sample = jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim)))
+        if loss_config.snr_gamma is not None:
+            per_sample = per_sample * schedule.min_snr_weights(t, loss_config.snr_gamma)
+        return jnp.mean(per_sample)
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr_schedule: Callable):
+    def train_step(state: TrainState, frozen, batch, key):
+        k, rows = batch["input_ids"].shape[:2]
+        step_key = jax.random.fold_in(key, state.step)
+
+        def micro(carry, inputs):
+            grads_sum, loss_sum = carry
+            index, mb = inputs
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, mb, step_key, index * rows)
+            return (jax.tree_util.tree_map(jnp.add, grads_sum, grads), loss_sum + loss), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)),
+                                        (jnp.arange(k), batch))
+        grads = jax.tree_util.tree_map(lambda g: g / k, grads)
+        loss = loss / k
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            decay = ema_decay(state.step + 1)
+            ema = jax.tree_util.tree_map(lambda e, p: e - (1.0 - decay) * (e - p), ema, params)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "lr": lr_schedule(state.step)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+    return train_step
