@@ -8,7 +8,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
+
+# One persistent XLA cache per test session: identical train steps compile once.
+os.environ.setdefault("SDJAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="sdjax-xla-"))
 
 from tests import tiny_torch  # noqa: E402
 
@@ -39,3 +44,42 @@ def sd2(sd2_dir):
     from sdjax import StableDiffusion
 
     return StableDiffusion.from_pretrained(str(sd2_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The shipped tiny config with random weights, saved as a diffusers folder (stands in for a
+    hub model in the seed command lines)."""
+    from sdjax import StableDiffusion
+
+    return StableDiffusion.from_config("tiny", seed=0).save_pretrained(
+        str(tmp_path_factory.mktemp("tiny") / "tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_v_dir(tmp_path_factory, tiny_dir):
+    """The tiny model as an SD 2 768-v style model: v-prediction scheduler."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_dir, tmp_path_factory.mktemp("tiny_v") / "tiny-sd-v")
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config["prediction_type"] = "v_prediction"
+    path.write_text(json.dumps(config))
+    return str(folder)
+
+
+DEMO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                         "demo_data")
+
+
+@pytest.fixture(scope="session")
+def saved_dataset(tmp_path_factory):
+    """The demo images as a Hugging Face dataset saved with save_to_disk (a local --dataset_name)."""
+    import datasets
+
+    data = datasets.load_dataset("imagefolder", data_dir=DEMO_DATA, split="train")
+    path = str(tmp_path_factory.mktemp("datasets") / "demo-captions")
+    data.save_to_disk(path)
+    return path

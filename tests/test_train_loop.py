@@ -1,0 +1,164 @@
+"""The step and the loop: accumulation, determinism, exact resume, data sharding, bad input."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import load_file
+
+from sdjax import StableDiffusion
+from sdjax.cli import main
+from sdjax.data import Loader, open_dataset
+from sdjax.schedule import NoiseSchedule
+from sdjax.train.step import LossConfig, init_state, make_loss_fn, make_train_step
+from tests.conftest import DEMO_DATA
+
+
+def unet_weights(folder):
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    return StableDiffusion.from_config("tiny", seed=0)
+
+
+def test_accumulated_micro_batches_equal_one_batch(tiny_sd):
+    """k micro-batches of B/k give the same update as one batch of B (SGD, so the gradient's
+    scale matters: a missing 1/k would show)."""
+    sd = tiny_sd
+    schedule = NoiseSchedule.from_config(sd.scheduler_config)
+    loss_fn = make_loss_fn(sd.unet, sd.vae, sd.text_encoder, schedule,
+                           LossConfig(noise_offset=0.1, input_perturbation=0.1, snr_gamma=5.0))
+    tx = optax.sgd(0.5)
+    step = jax.jit(make_train_step(loss_fn, tx, lambda count: 0.5))
+    frozen = {"vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(-1, 1, (4, 3, 64, 64)).astype(np.float32)
+    ids = rng.integers(0, 500, (4, 77)).astype(np.int32)
+    state = init_state(sd.params["unet"], tx, use_ema=True)
+    results = {}
+    for k in (1, 2, 4):
+        batch = {"pixel_values": pixels.reshape(k, 4 // k, 3, 64, 64),
+                 "input_ids": ids.reshape(k, 4 // k, 77)}
+        results[k] = step(state, frozen, batch, jax.random.key(0))
+    (ref_state, ref_metrics) = results[1]
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(
+        jax.tree_util.tree_leaves(ref_state.params), jax.tree_util.tree_leaves(state.params)))
+    assert moved > 1e-4  # the step really changed the weights
+    for k in (2, 4):
+        new_state, metrics = results[k]
+        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+        np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
+        for a, b in zip(jax.tree_util.tree_leaves(new_state.params),
+                        jax.tree_util.tree_leaves(ref_state.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_hosts_read_disjoint_shares(tiny_sd):
+    images = open_dataset(train_data_dir=DEMO_DATA)
+    common = dict(global_batch=4, accumulation_steps=1, seed=3, resolution=64, center_crop=True,
+                  random_flip=False)
+    single = Loader(images, tiny_sd.tokenizer, process_index=0, process_count=1, **common)
+    hosts = [Loader(images, tiny_sd.tokenizer, process_index=i, process_count=2, **common)
+             for i in range(2)]
+    seen = []
+    for micro_batch in range(single.batches_per_epoch):
+        parts = [h.sample_indices(micro_batch) for h in hosts]
+        assert not set(parts[0]) & set(parts[1])
+        np.testing.assert_array_equal(np.concatenate(parts), single.sample_indices(micro_batch))
+        seen += list(np.concatenate(parts))
+    assert sorted(seen) == list(range(12))  # one epoch: every image once (12 = 3 full batches)
+    # The next epoch is a different order of the same images.
+    assert list(single.sample_indices(3)) != list(single.sample_indices(0))
+
+
+def _demo_args(out, steps, extra=""):
+    return (f"--pretrained_model_name_or_path=tiny --train_data_dir={DEMO_DATA} --resolution=64 "
+            "--center_crop --random_flip --train_batch_size=1 --gradient_accumulation_steps=2 "
+            f"--use_ema --learning_rate=1e-3 --lr_scheduler=constant --checkpointing_steps=2 "
+            f"--max_train_steps={steps} --seed=7 --output_dir={out} {extra}").split()
+
+
+@pytest.mark.slow
+def test_deterministic_and_resume_is_exact(tmp_path, capsys):
+    assert main(_demo_args(tmp_path / "a", 4)) == 0
+    assert main(_demo_args(tmp_path / "b", 4)) == 0
+    a, b = unet_weights(str(tmp_path / "a")), unet_weights(str(tmp_path / "b"))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+    # Stop after 2 steps, resume to 4: the same weights as the uninterrupted run.
+    assert main(_demo_args(tmp_path / "c", 2)) == 0
+    assert main(_demo_args(tmp_path / "c", 4, "--resume_from_checkpoint latest")) == 0
+    assert "training steps 2 -> 4" in capsys.readouterr().out
+    c = unet_weights(str(tmp_path / "c"))
+    for key in a:
+        np.testing.assert_array_equal(a[key], c[key])
+
+    # TensorBoard got the scalars.
+    events = [f for f in os.listdir(tmp_path / "a" / "logs") if f.startswith("events")]
+    data = (tmp_path / "a" / "logs" / events[0]).read_bytes()
+    for tag in (b"train/loss", b"train/lr", b"train/grad_norm", b"train/images_per_sec"):
+        assert tag in data
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan"
+    args = _demo_args(out, 30, "--logging_steps=1 --checkpointing_steps=1 --max_grad_norm=0")
+    args = [a for a in args if not a.startswith("--learning_rate")] + ["--learning_rate=1e30"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "at step" in err and "last good checkpoint is" in err
+    bad_step = int(err.split("at step ")[1].split(";")[0])
+    saved = sorted(int(n.split("_")[1]) for n in os.listdir(out / "checkpoints"))
+    assert saved and max(saved) < bad_step
+    assert not (out / "model_index.json").exists()
+
+
+def _error_of(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_data_inputs(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = [a for a in _demo_args(tmp_path / "o", 2) if not a.startswith("--train_data_dir")]
+    assert "contains no images" in _error_of(base + [f"--train_data_dir={empty}"], capsys)
+
+    uncaptioned = shutil.copytree(DEMO_DATA, tmp_path / "uncaptioned")
+    lines = (uncaptioned / "metadata.jsonl").read_text().splitlines()
+    lines[3] = lines[3].split(', "text"')[0] + "}"
+    (uncaptioned / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert "has no caption" in _error_of(base + [f"--train_data_dir={uncaptioned}"], capsys)
+
+    err = _error_of(_demo_args(tmp_path / "o", 2, "--caption_column=caption"), capsys)
+    assert "--caption_column 'caption' is not a column" in err and "text" in err
+
+    few = shutil.copytree(DEMO_DATA, tmp_path / "few")
+    keep = (few / "metadata.jsonl").read_text().splitlines()[:3]
+    for name in os.listdir(few):
+        if name.endswith(".png") and not any(name in line for line in keep):
+            os.remove(few / name)
+    (few / "metadata.jsonl").write_text("\n".join(keep) + "\n")
+    assert "fewer than one global batch" in _error_of(base + [f"--train_data_dir={few}"], capsys)
+    # Nothing the user provided was changed.
+    assert len(os.listdir(DEMO_DATA)) == 13
+
+
+def test_bad_run_inputs(tmp_path, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a folder")
+    assert "is not a directory" in _error_of(_demo_args(a_file, 2), capsys)
+    assert "multiple of 8" in _error_of(_demo_args(tmp_path / "o", 2, "--resolution=100"), capsys)
+    err = _error_of(_demo_args(tmp_path / "o", 2, "--resume_from_checkpoint checkpoint-99"), capsys)
+    assert "checkpoint checkpoint-99 does not exist" in err
+    assert "did you mean --max_train_steps" in _error_of(
+        _demo_args(tmp_path / "o", 2, "--max_train_step=3"), capsys)
