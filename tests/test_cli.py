@@ -20,7 +20,7 @@ def test_default_command_exports_tiny_model(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"))
-    assert pipe.unet.config.block_out_channels == [32, 64]
+    assert pipe.unet.config.block_out_channels == [32, 32, 64]
 
 
 def test_missing_model_is_one_line_error(tmp_path):

@@ -12,7 +12,7 @@ from sdjax.cli import main
 from tests.conftest import DEMO_DATA
 
 NARUTO = ("--use_ema --resolution=512 --center_crop --random_flip --train_batch_size=1 "
-          "--gradient_accumulation_steps=4 --gradient_checkpointing --max_train_steps=3 "
+          "--gradient_accumulation_steps=4 --gradient_checkpointing --max_train_steps=1 "
           "--learning_rate=1e-05 --max_grad_norm=1 --lr_scheduler=constant --lr_warmup_steps=0")
 
 
@@ -27,7 +27,7 @@ class Printed:
         self.out, self.err = out, err
 
 
-def run_in_process_with_devices(args, devices: int):
+def run_with_devices(args, devices: int):
     """`python train_flax.py ARGS` in a fresh process with `devices` CPU devices."""
     import subprocess
     import sys
@@ -53,12 +53,12 @@ def assert_diffusers_pipeline(folder):
 
 
 @pytest.mark.slow
-def test_naruto_train_data_dir(tiny_dir, tmp_path, capsys):
+def test_naruto_train_data_dir(tiny_dir, tmp_path):
     out = tmp_path / "sd-naruto-model"
-    code, printed = run(f"--pretrained_model_name_or_path={tiny_dir} --train_data_dir={DEMO_DATA} "
-                        f"{NARUTO} --output_dir={out}", capsys)
+    code, printed = run_with_devices(f"--pretrained_model_name_or_path={tiny_dir} "
+                                     f"--train_data_dir={DEMO_DATA} {NARUTO} --output_dir={out}", 1)
     assert code == 0, printed.err
-    assert "per-device batch 1, global batch 4, accumulation 4, effective batch 16" in printed.out
+    assert "per-device batch 1, global batch 1, accumulation 4, effective batch 4" in printed.out
     assert_diffusers_pipeline(str(out))
     before, after = unet_weights(tiny_dir), unet_weights(str(out))
     assert any(not np.array_equal(before[k], after[k]) for k in before)  # it trained
@@ -66,13 +66,19 @@ def test_naruto_train_data_dir(tiny_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_naruto_dataset_name_and_flax_variant(tiny_dir, saved_dataset, tmp_path, capsys):
-    # The Flax script's command: no EMA, no accumulation, --mixed_precision="fp16".
+def test_naruto_dataset_name_and_flax_variant(tiny_dir, saved_dataset, tmp_path):
     out = tmp_path / "sd-naruto-model"
-    code, printed = run(f"--pretrained_model_name_or_path={tiny_dir} --dataset_name={saved_dataset} "
-                        "--resolution=512 --center_crop --random_flip --train_batch_size=1 "
-                        "--mixed_precision=fp16 --max_train_steps=2 --learning_rate=1e-05 "
-                        f"--max_grad_norm=1 --output_dir={out}", capsys)
+    code, printed = run_with_devices(f"--pretrained_model_name_or_path={tiny_dir} "
+                                     f"--dataset_name={saved_dataset} {NARUTO} --output_dir={out}", 1)
+    assert code == 0, printed.err
+    assert "12 images from " + saved_dataset in printed.out
+    # The Flax script's command: no EMA, no accumulation, --mixed_precision="fp16".
+    out = tmp_path / "sd-naruto-model-flax"
+    code, printed = run_with_devices(
+        f"--pretrained_model_name_or_path={tiny_dir} --dataset_name={saved_dataset} "
+        "--resolution=512 --center_crop --random_flip --train_batch_size=1 "
+        "--mixed_precision=fp16 --max_train_steps=1 --learning_rate=1e-05 "
+        f"--max_grad_norm=1 --output_dir={out}", 1)
     assert code == 0, printed.err
     assert "compute bfloat16" in printed.out
     pipe = assert_diffusers_pipeline(str(out))
@@ -86,31 +92,31 @@ def test_minecraft_sd2_checkpoints_resume_and_checkpoint_to_model(tiny_v_dir, sa
     model_dir = tmp_path / "minecraft-model"
     common = (f"--pretrained_model_name_or_path={tiny_v_dir} --dataset_name={saved_dataset} "
               "--use_ema --resolution=768 --train_batch_size=1 --gradient_accumulation_steps=4 "
-              "--gradient_checkpointing --checkpointing_steps=2 --learning_rate=1e-05 "
+              "--gradient_checkpointing --checkpointing_steps=1 --learning_rate=1e-05 "
               "--max_grad_norm=1 --lr_scheduler=constant --lr_warmup_steps=0 "
               f"--output_dir={model_dir}")
-    code, printed = run_in_process_with_devices(f"{common} --max_train_steps=4", 1)
+    code, printed = run_with_devices(f"{common} --max_train_steps=2", 1)
     assert code == 0, printed.err
     assert "prediction v_prediction" in printed.out
-    assert sorted(os.listdir(model_dir / "checkpoints")) == ["checkpoint_2", "checkpoint_4"]
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["checkpoint_1", "checkpoint_2"]
     final = unet_weights(str(model_dir))
 
     # The crash-recovery command: resume from the latest checkpoint and go on.
-    code, printed = run_in_process_with_devices(
-        f"{common} --max_train_steps=5 --resume_from_checkpoint latest", 1)
+    code, printed = run_with_devices(
+        f"{common} --max_train_steps=3 --resume_from_checkpoint latest", 1)
     assert code == 0, printed.err
-    assert "training steps 4 -> 5" in printed.out
+    assert "training steps 2 -> 3" in printed.out
 
-    # Turning checkpoint 2 into a model, the seed's way (the diffusers name checkpoint-N).
-    code, printed = run_in_process_with_devices(
-        f"{common} --max_train_steps=2 --resume_from_checkpoint checkpoint-2", 1)
+    # Turning checkpoint 1 into a model, the seed's way (the diffusers name checkpoint-N).
+    code, printed = run_with_devices(
+        f"{common} --max_train_steps=1 --resume_from_checkpoint checkpoint-1", 1)
     assert code == 0, printed.err
     from_checkpoint = unet_weights(str(model_dir))
     assert any(not np.array_equal(final[k], from_checkpoint[k]) for k in final)
 
     # ... and the same with the export command, which needs no training flags.
-    code, printed = run_in_process_with_devices(
-        f"export --checkpoint {model_dir}/checkpoints/checkpoint_2 --output {tmp_path / 'exported'}", 1)
+    code, printed = run_with_devices(
+        f"export --checkpoint {model_dir}/checkpoints/checkpoint_1 --output {tmp_path / 'exported'}", 1)
     assert code == 0, printed.err
     exported = unet_weights(str(tmp_path / "exported"))
     for key in from_checkpoint:
@@ -118,12 +124,13 @@ def test_minecraft_sd2_checkpoints_resume_and_checkpoint_to_model(tiny_v_dir, sa
 
 
 @pytest.mark.slow
-def test_zhihu_sd15_with_seed(tiny_dir, tmp_path, capsys):
-    code, printed = run(f"--pretrained_model_name_or_path={tiny_dir} --train_data_dir={DEMO_DATA} "
-                        "--use_ema --resolution=512 --center_crop --random_flip --train_batch_size=1 "
-                        "--gradient_accumulation_steps=4 --gradient_checkpointing --max_train_steps=2 "
-                        "--learning_rate=1e-05 --max_grad_norm=1 --seed=42 --lr_scheduler=constant "
-                        f"--lr_warmup_steps=0 --output_dir={tmp_path / 'sd-naruto-model'}", capsys)
+def test_zhihu_sd15_with_seed(tiny_dir, tmp_path):
+    code, printed = run_with_devices(
+        f"--pretrained_model_name_or_path={tiny_dir} --train_data_dir={DEMO_DATA} "
+        "--use_ema --resolution=512 --center_crop --random_flip --train_batch_size=1 "
+        "--gradient_accumulation_steps=4 --gradient_checkpointing --max_train_steps=1 "
+        "--learning_rate=1e-05 --max_grad_norm=1 --seed=42 --lr_scheduler=constant "
+        f"--lr_warmup_steps=0 --output_dir={tmp_path / 'sd-naruto-model'}", 1)
     assert code == 0, printed.err
     assert_diffusers_pipeline(str(tmp_path / "sd-naruto-model"))
 
