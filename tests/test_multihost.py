@@ -58,9 +58,7 @@ def test_two_hosts_match_one_host(tmp_path):
 
     a = load_file(str(tmp_path / "single" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "multi" / "unet" / "diffusion_pytorch_model.safetensors"))
-    base = load_file(os.path.join(tmp_path / "single", "..", "single", "unet",
-                                  "diffusion_pytorch_model.safetensors"))
-    assert a.keys() == b.keys() == base.keys()
+    assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
     # Both runs checkpointed at step 2; the two-host checkpoint restores like any other.

@@ -76,12 +76,15 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (out / "logs").exists():
-            time.sleep(0.1)
-        time.sleep(20)  # past compilation, into the steps
+        seen = ""
+        for line in proc.stdout:  # wait until the steps run
+            seen += line
+            if line.startswith("compiled the train step"):
+                break
+        time.sleep(2)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
+        stdout = seen + stdout
     finally:
         if proc.poll() is None:
             proc.kill()
