@@ -26,29 +26,39 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     """Starts multi-host JAX when asked to or when the platform says so.
 
     Explicit flags (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) start it
-    anywhere; on TPU pods and SLURM/Open MPI clusters `jax.distributed.initialize()` finds its
-    peers itself. A single process on one machine needs nothing.
+    anywhere; otherwise JAX's own cluster detection is asked (TPU pods, SLURM, Open MPI,
+    Kubernetes), and a plain machine stays a single process. Must run before anything touches
+    the devices.
     """
+    if _distributed_is_initialized():
+        return
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
         process_id = int(os.environ["JAX_PROCESS_ID"])
     if coordinator_address:
-        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
-            # CPU collectives across processes (how multi-host is tested on one machine).
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU collectives across processes (how multi-host is tested on one machine); the
+        # default in recent JAX, not in older releases.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id)
-    elif _on_multihost_platform():
+        return
+    try:
         jax.distributed.initialize()
+    except ValueError:
+        pass  # no cluster detected: one process
+    except RuntimeError:
+        pass  # devices already in use in this process (a notebook, tests): stay single-process
 
 
-def _on_multihost_platform() -> bool:
-    # TPU pod workers (more than one host in the slice) and SLURM / Open MPI launches.
-    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return ("," in tpu_hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-            or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+def _distributed_is_initialized() -> bool:
+    check = getattr(jax.distributed, "is_initialized", None)
+    if check is not None:
+        return check()
+    from jax._src import distributed
+
+    return distributed.global_state.client is not None
 
 
 def make_mesh() -> Mesh:
