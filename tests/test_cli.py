@@ -17,10 +17,12 @@ def run(*args, devices=1):
 def test_demo_config_trains_checkpoints_and_exports(tmp_path):
     """README's first command (its step count cut): configs/demo.yaml as shipped."""
     out = tmp_path / "demo"
-    result = run("--config", "configs/demo.yaml", f"--output_dir={out}", "--max_train_steps=20")
+    result = run("--config", "configs/demo.yaml", f"--output_dir={out}", "--max_train_steps=20",
+                 "--checkpointing_steps=5")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "12 images from configs/demo_data" in result.stdout
-    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint_20"]
+    # demo.yaml keeps the newest two (checkpoints_total_limit: 2).
+    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint_15", "checkpoint_20"]
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(out))

@@ -137,9 +137,11 @@ def test_zhihu_sd15_with_seed(tiny_dir, tmp_path):
 
 def test_pytorch_only_flags_are_accepted_with_a_note(tiny_dir, tmp_path, capsys):
     code, printed = run(f"--pretrained_model_name_or_path={tiny_dir} --train_data_dir={DEMO_DATA} "
-                        "--resolution=64 --train_batch_size=1 --max_train_steps=1 "
+                        "--resolution=64 --train_batch_size=1 --max_train_samples=8 --num_train_epochs=1 "
                         "--enable_xformers_memory_efficient_attention --allow_tf32 "
                         f"--dataloader_num_workers=2 --output_dir={tmp_path / 'out'}", capsys)
     assert code == 0, printed.err
     assert "--enable_xformers_memory_efficient_attention: ignored" in printed.out
     assert "--allow_tf32: ignored" in printed.out
+    # 8 of the 12 images, one epoch: 8 / (1 per device x 4 devices) = 2 steps.
+    assert "8 images from" in printed.out and "training steps 0 -> 2" in printed.out

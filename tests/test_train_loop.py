@@ -100,6 +100,15 @@ def test_deterministic_and_resume_is_exact(tmp_path, capsys):
     for key in a:
         np.testing.assert_array_equal(a[key], c[key])
 
+    # Any checkpoint exports on its own: EMA by default, raw weights with --no_ema, any dtype.
+    ckpt = str(tmp_path / "a" / "checkpoints" / "checkpoint_2")
+    assert main(["export", "--checkpoint", ckpt, "--output", str(tmp_path / "ema")]) == 0
+    assert main(["export", "--checkpoint", ckpt, "--output", str(tmp_path / "raw"), "--no_ema",
+                 "--dtype", "float16"]) == 0
+    ema, raw = unet_weights(str(tmp_path / "ema")), unet_weights(str(tmp_path / "raw"))
+    assert all(v.dtype == np.float16 for v in raw.values())
+    assert any(not np.allclose(ema[k], raw[k].astype(np.float32), atol=1e-3) for k in ema)
+
     # TensorBoard got the scalars.
     events = [f for f in os.listdir(tmp_path / "a" / "logs") if f.startswith("events")]
     data = (tmp_path / "a" / "logs" / events[0]).read_bytes()
@@ -170,3 +179,22 @@ def test_bad_run_inputs(tmp_path, capsys):
     assert "checkpoint checkpoint-99 does not exist" in err
     assert "did you mean --max_train_steps" in _error_of(
         _demo_args(tmp_path / "o", 2, "--max_train_step=3"), capsys)
+
+
+def test_checkpoint_references_and_total_limit(tmp_path):
+    from sdjax.errors import ConfigError
+    from sdjax.train import checkpoint as ckpt
+
+    manager = ckpt.make_manager(str(tmp_path / "checkpoints"), max_to_keep=2)
+    for step in (5, 10, 15):
+        ckpt.save(manager, step, {"w": np.full(3, step, np.float32)}, {"step": step})
+    manager.wait_until_finished()
+    assert manager.all_steps() == [10, 15]  # --checkpoints_total_limit=2
+    for ref, step in [("latest", 15), ("checkpoint-10", 10), ("checkpoint_10", 10), ("15", 15),
+                      (str(tmp_path / "checkpoints" / "checkpoint_10"), 10)]:
+        assert ckpt.resolve_step(manager, ref) == step, ref
+    with pytest.raises(ConfigError, match="complete checkpoints: 10, 15"):
+        ckpt.resolve_step(manager, "checkpoint-5")
+    state, meta = ckpt.restore(manager, 10, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    assert meta == {"step": 10} and float(state["w"][0]) == 10.0
+    manager.close()

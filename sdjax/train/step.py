@@ -94,11 +94,19 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr_sche
             loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, mb, step_key, index * rows)
             return (jax.tree_util.tree_map(jnp.add, grads_sum, grads), loss_sum + loss), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-        (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)),
-                                        (jnp.arange(k), batch))
-        grads = jax.tree_util.tree_map(lambda g: g / k, grads)
-        loss = loss / k
+        if k == 1:
+            # No loop: XLA:CPU runs convolutions inside a while-loop body several times slower
+            # (measured in BENCHMARKS.md), and there is no accumulator to keep.
+            single = jax.tree_util.tree_map(lambda x: x[0], batch)
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, single, step_key, 0)
+        else:
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            # Unrolled on CPU for the same reason as above; a loop elsewhere (compile time).
+            (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)),
+                                            (jnp.arange(k), batch),
+                                            unroll=jax.default_backend() == "cpu")
+            grads = jax.tree_util.tree_map(lambda g: g / k, grads)
+            loss = loss / k
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
