@@ -60,6 +60,8 @@ def test_two_hosts_match_one_host(tmp_path):
     b = load_file(str(tmp_path / "multi" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        # Float tolerance: the cross-host gradient sum adds in another order, and AdamW's
+        # normalisation magnifies the last bits of tiny gradients.
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
     # Both runs checkpointed at step 2; the two-host checkpoint restores like any other.
     assert (tmp_path / "multi" / "checkpoints" / "checkpoint_2").is_dir()
