@@ -1,7 +1,5 @@
 """Training arithmetic against diffusers: noise schedule, targets, min-SNR, LR schedules, EMA."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

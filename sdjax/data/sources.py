@@ -28,10 +28,11 @@ class CaptionedImages:
         return self.dataset[int(index)][self.image_column]
 
     def caption(self, index: int):
-        return self._captions[int(index)]
+        return self.captions[int(index)]
 
     def load_captions(self) -> None:
-        self._captions = self.dataset[self.caption_column]
+        """Reads the whole caption column once (text is small; images are read on demand)."""
+        self.captions = self.dataset[self.caption_column]
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -83,7 +84,7 @@ def open_dataset(dataset_name=None, dataset_config_name=None, train_data_dir=Non
         data = data.shuffle(seed=seed).select(range(min(max_train_samples, len(data))))
     images = CaptionedImages(data, image_column, caption_column, where)
     images.load_captions()
-    for i, caption in enumerate(images._captions):
+    for i, caption in enumerate(images.captions):
         if not _has_text(caption):
             raise ConfigError(f"image {i} of {where} has no caption in column '{caption_column}': "
                               "give every image a caption (empty captions are not allowed)")

@@ -12,7 +12,6 @@ import math
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from sdjax.models.attention import Transformer2DModel, check_attention_implementation

@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import signal
-import sys
+import threading
 import time
 from typing import Optional
 
@@ -24,7 +24,7 @@ from sdjax.schedule import NoiseSchedule
 from sdjax.train import checkpoint as ckpt
 from sdjax.train.metrics import MetricsWriter
 from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
-from sdjax.train.step import LossConfig, TrainState, init_state, make_loss_fn, make_train_step
+from sdjax.train.step import LossConfig, init_state, make_loss_fn, make_train_step
 
 log = logging.getLogger("sdjax")
 
@@ -55,15 +55,23 @@ def host_copy(tree):
 
 
 class _Preemption:
-    """SIGTERM (TPU preemption, job schedulers) asks the loop to checkpoint and stop."""
+    """SIGTERM (TPU preemption, job schedulers) asks the loop to checkpoint and stop.
+
+    One process: our own handler. Several: JAX's preemption sync point, so that every host
+    stops at the same step (JAX's coordination service listens for the signal)."""
 
     def __init__(self):
         self.requested = False
-        if jax.process_count() == 1 and threading_is_main():
-            signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -71,12 +79,6 @@ class _Preemption:
 
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
@@ -179,6 +181,7 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     finally:
         manager.wait_until_finished()
         writer.close()
+        preemption.close()
     if state is None:  # preempted: checkpoint written, no export
         manager.close()
         return cfg.output_dir
