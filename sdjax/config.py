@@ -19,6 +19,7 @@ from sdjax.errors import ConfigError
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+INTERPOLATION_MODES = ("lanczos", "bicubic", "bilinear", "nearest", "box", "hamming")
 
 
 @dataclasses.dataclass
@@ -36,9 +37,14 @@ class TrainConfig:
     caption_column: str = "text"
     max_train_samples: Optional[int] = None
     cache_dir: Optional[str] = None
+    caption_extension: Optional[str] = None
+    allow_empty_captions: bool = False
+    caption_dropout_probability: float = 0.0
+    max_bad_images: Optional[int] = None
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
+    image_interpolation_mode: str = "lanczos"
     dataloader_num_workers: int = 0
     # Batch and schedule
     train_batch_size: int = 16
@@ -115,6 +121,13 @@ class TrainConfig:
             problems.append(f"--prediction_type={self.prediction_type!r}: choose epsilon or v_prediction")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             problems.append("--snr_gamma must be positive (5.0 is the recommended value)")
+        if not 0.0 <= self.caption_dropout_probability <= 1.0:
+            problems.append("--caption_dropout_probability must be between 0 and 1")
+        if self.image_interpolation_mode not in INTERPOLATION_MODES:
+            problems.append(f"--image_interpolation_mode={self.image_interpolation_mode!r}: choose "
+                            f"one of {', '.join(INTERPOLATION_MODES)}")
+        if self.max_bad_images is not None and self.max_bad_images < 0:
+            problems.append("--max_bad_images must be 0 or more")
         if self.learning_rate <= 0:
             problems.append("--learning_rate must be positive")
         if self.report_to not in ("tensorboard", "wandb", "none", "all"):

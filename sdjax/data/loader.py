@@ -10,25 +10,54 @@ how many hosts or workers there are.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sdjax.data.sources import CaptionedImages
+from sdjax.errors import ConfigError
+
+log = logging.getLogger("sdjax")
+
+INTERPOLATION = {
+    "lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+}
+# What a broken file raises when PIL (or datasets through PIL) decodes it.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright (EXIF orientation) 8-bit RGB from any mode: L, P, RGBA/LA (on white), CMYK,
+    16-bit and 32-bit grey."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
 
 
 def transform_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
-                    rng: np.random.Generator) -> np.ndarray:
-    """Shorter side to `resolution` (Lanczos), square crop, optional flip -> float32 CHW in [-1, 1]."""
-    image = image.convert("RGB")
+                    rng: np.random.Generator, interpolation: str = "lanczos") -> np.ndarray:
+    """Shorter side to `resolution`, square crop, optional flip -> float32 CHW in [-1, 1]."""
+    image = to_rgb(image)
     w, h = image.size
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    image = image.resize(size, Image.Resampling.LANCZOS)
+    image = image.resize(size, INTERPOLATION[interpolation])
     w, h = image.size
     if center_crop:
         left, top = (w - resolution) // 2, (h - resolution) // 2
@@ -46,7 +75,8 @@ class Loader:
     def __init__(self, images: CaptionedImages, tokenizer, *, global_batch: int,
                  accumulation_steps: int, process_index: int, process_count: int, seed: int,
                  resolution: int, center_crop: bool, random_flip: bool, num_workers: int = 0,
-                 prefetch: int = 2):
+                 prefetch: int = 2, interpolation: str = "lanczos",
+                 caption_dropout_probability: float = 0.0, max_bad_images: Optional[int] = None):
         if global_batch % process_count:
             raise ValueError("the global batch must divide evenly among hosts")
         self.images = images
@@ -61,6 +91,13 @@ class Loader:
         self.random_flip = random_flip
         self.workers = max(1, num_workers or 4)
         self.prefetch = prefetch
+        self.interpolation = interpolation
+        self.caption_dropout = caption_dropout_probability
+        # Unreadable files are skipped (a neighbour stands in) up to this many, then the run stops.
+        self.max_bad_images = (max(1, len(images) // 100) if max_bad_images is None
+                               else max_bad_images)
+        self.bad_images: dict = {}
+        self._bad_lock = threading.Lock()
         self.batches_per_epoch = len(images) // global_batch
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -72,15 +109,45 @@ class Loader:
         start = b * self.global_batch + self.first_row
         return self._order(epoch)[start:start + self.rows]
 
+    def _pixels(self, index: int, rng: np.random.Generator):
+        """The transformed image `index`, or of the next readable one if it cannot be read."""
+        n = len(self.images)
+        for attempt in range(n):
+            candidate = (int(index) + attempt) % n
+            if candidate in self.bad_images:
+                continue
+            try:
+                image = self.images.image(candidate)
+                return candidate, transform_image(image, self.resolution, self.center_crop,
+                                                  self.random_flip, rng, self.interpolation)
+            except DECODE_ERRORS as e:
+                self._record_bad(candidate, e)
+        raise ConfigError(f"no readable image in {self.images.where}")
+
+    def _record_bad(self, index: int, error: Exception) -> None:
+        with self._bad_lock:
+            if index in self.bad_images:
+                return
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            self.bad_images[index] = reason
+            count = len(self.bad_images)
+        log.warning("skipped unreadable %s: %s (%d skipped so far)", self.images.name(index),
+                    reason, count)
+        if count > self.max_bad_images:
+            names = ", ".join(self.images.name(i) for i in list(self.bad_images)[:3])
+            raise ConfigError(f"{count} unreadable images (more than --max_bad_images="
+                              f"{self.max_bad_images}), e.g. {names}: fix or remove them")
+
     def _sample(self, micro_batch: int, row: int, index: int):
         position = micro_batch * self.global_batch + self.first_row + row
         rng = np.random.default_rng([self.seed, 1, position])
-        pixels = transform_image(self.images.image(index), self.resolution, self.center_crop,
-                                 self.random_flip, rng)
+        index, pixels = self._pixels(index, rng)
         caption = self.images.caption(index)
         if not isinstance(caption, str):  # several captions: one at random, as diffusers does
-            options = [c for c in caption if isinstance(c, str) and c.strip()]
+            options = [c for c in caption if isinstance(c, str) and c.strip()] or [""]
             caption = options[int(rng.integers(len(options)))]
+        if self.caption_dropout and rng.random() < self.caption_dropout:
+            caption = ""  # the unconditional prompt, for classifier-free guidance
         return pixels, caption
 
     def _micro_batch(self, pool, micro_batch: int):

@@ -1,7 +1,12 @@
-"""Captioned image data sets: Hugging Face datasets (hub name, saved dataset, imagefolder).
+"""Captioned image data sets, whatever layout the user brings.
+
+- Hugging Face datasets: a hub name (`--dataset_name`), a folder saved with `save_to_disk`, or an
+  imagefolder (`--train_data_dir` with metadata.jsonl/csv/parquet).
+- A plain folder of images with same-name caption files (`a/b/0001.png` + `a/b/0001.txt`,
+  nested folders included), the layout most community trainers use.
 
 Everything is checked when the data set is opened, before any model is compiled: the columns
-exist, there are images, every image has a caption.
+exist, there are images, every image has a caption (unless empty captions are allowed).
 """
 
 from __future__ import annotations
@@ -9,30 +14,59 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from PIL import Image
+
 from sdjax.errors import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+CAPTION_SUFFIXES = (".txt", ".caption")
 
 
 class CaptionedImages:
-    """Random access to (PIL image, caption or list of captions) pairs."""
+    """Random access to images (PIL) and their captions (a string or a list of strings)."""
 
-    def __init__(self, dataset, image_column: str, caption_column: str, where: str):
-        self.dataset = dataset
-        self.image_column = image_column
-        self.caption_column = caption_column
-        self.where = where
+    where: str
+    captions: list
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.captions)
 
-    def image(self, index: int):
-        return self.dataset[int(index)][self.image_column]
+    def image(self, index: int) -> Image.Image:
+        raise NotImplementedError
 
     def caption(self, index: int):
         return self.captions[int(index)]
 
-    def load_captions(self) -> None:
-        """Reads the whole caption column once (text is small; images are read on demand)."""
-        self.captions = self.dataset[self.caption_column]
+    def name(self, index: int) -> str:
+        """How to name sample `index` in a message (a file path where there is one)."""
+        return f"image {int(index)} of {self.where}"
+
+
+class HFImages(CaptionedImages):
+    def __init__(self, dataset, image_column: str, caption_column: str, where: str):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.where = where
+        self.captions = dataset[caption_column]  # text is small; images are read on demand
+
+    def image(self, index: int) -> Image.Image:
+        return self.dataset[int(index)][self.image_column]
+
+
+class FolderImages(CaptionedImages):
+    def __init__(self, paths: list, captions: list, where: str):
+        self.paths = paths
+        self.captions = captions
+        self.where = where
+
+    def image(self, index: int) -> Image.Image:
+        image = Image.open(self.paths[int(index)])
+        image.load()
+        return image
+
+    def name(self, index: int) -> str:
+        return self.paths[int(index)]
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -41,11 +75,12 @@ def _is_saved_dataset(path: str) -> bool:
         and os.path.isfile(os.path.join(path, "dataset_info.json")))
 
 
-def _load(dataset_name: Optional[str], dataset_config_name: Optional[str],
-          train_data_dir: Optional[str], cache_dir: Optional[str]):
+def _load_hf(dataset_name: Optional[str], dataset_config_name: Optional[str],
+             train_data_dir: Optional[str], cache_dir: Optional[str]):
     import datasets
 
     datasets.disable_progress_bars()
+    where = dataset_name or train_data_dir
     try:
         if dataset_name and os.path.isdir(dataset_name) and _is_saved_dataset(dataset_name):
             data = datasets.load_from_disk(dataset_name)
@@ -54,24 +89,79 @@ def _load(dataset_name: Optional[str], dataset_config_name: Optional[str],
         else:
             data = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     except Exception as e:  # datasets raises many types; the user needs the first line
-        where = dataset_name or train_data_dir
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"cannot load the data set {where}: {first}") from None
     if isinstance(data, datasets.DatasetDict):
         if "train" not in data:
-            raise ConfigError(f"data set {dataset_name or train_data_dir} has no 'train' split "
-                              f"(it has {', '.join(data)})")
+            raise ConfigError(f"data set {where} has no 'train' split (it has {', '.join(data)})")
         data = data["train"]
     return data
 
 
+def _walk_images(folder: str) -> tuple:
+    """(sorted image paths, whether a metadata file is present) under `folder`, recursively."""
+    images, has_metadata = [], False
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            lower = name.lower()
+            if lower.endswith(IMAGE_SUFFIXES):
+                images.append(os.path.join(root, name))
+            has_metadata |= lower in METADATA_FILES
+    return images, has_metadata
+
+
+def _read_caption_file(path: str):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines  # several captions: one is picked at random per sample
+    return lines[0] if lines else ""
+
+
+def _open_folder(folder: str, images: list, caption_extension: Optional[str],
+                 allow_empty_captions: bool) -> FolderImages:
+    suffixes = (caption_extension,) if caption_extension else CAPTION_SUFFIXES
+    suffixes = tuple(s if s.startswith(".") else "." + s for s in suffixes)
+    captions = []
+    for path in images:
+        stem = os.path.splitext(path)[0]
+        found = next((stem + s for s in suffixes if os.path.isfile(stem + s)), None)
+        if found is None and not allow_empty_captions:
+            raise ConfigError(f"{path} has no caption file ({' or '.join(stem + s for s in suffixes)}): "
+                              "add one, or pass --allow_empty_captions to train it unconditioned")
+        captions.append(_read_caption_file(found) if found else "")
+    return FolderImages(images, captions, folder)
+
+
 def open_dataset(dataset_name=None, dataset_config_name=None, train_data_dir=None,
                  image_column="image", caption_column="text", max_train_samples=None,
-                 cache_dir=None, seed: int = 0) -> CaptionedImages:
-    where = dataset_name or train_data_dir
+                 cache_dir=None, seed: int = 0, caption_extension: Optional[str] = None,
+                 allow_empty_captions: bool = False) -> CaptionedImages:
     if train_data_dir and not dataset_name:
-        _check_image_folder(train_data_dir)
-    data = _load(dataset_name, dataset_config_name, train_data_dir, cache_dir)
+        paths, has_metadata = _walk_images(train_data_dir)
+        if not paths:
+            raise ConfigError(f"--train_data_dir {train_data_dir} contains no images "
+                              f"({', '.join(IMAGE_SUFFIXES)})")
+        if has_metadata:
+            data = _hf_images(_load_hf(None, None, train_data_dir, cache_dir), image_column,
+                              caption_column, train_data_dir)
+        else:
+            data = _open_folder(train_data_dir, paths, caption_extension, allow_empty_captions)
+    else:
+        data = _hf_images(_load_hf(dataset_name, dataset_config_name, None, cache_dir),
+                          image_column, caption_column, dataset_name)
+    if max_train_samples is not None and max_train_samples < len(data):
+        data = _subset(data, max_train_samples, seed)
+    if not allow_empty_captions:
+        for i, caption in enumerate(data.captions):
+            if not _has_text(caption):
+                raise ConfigError(f"{data.name(i)} has no caption: give every image a caption, or "
+                                  "pass --allow_empty_captions")
+    return data
+
+
+def _hf_images(data, image_column, caption_column, where) -> HFImages:
     columns = list(data.column_names)
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in columns:
@@ -79,16 +169,21 @@ def open_dataset(dataset_name=None, dataset_config_name=None, train_data_dir=Non
                               f"{', '.join(columns)}")
     if len(data) == 0:
         raise ConfigError(f"the data set {where} has no images")
-    if max_train_samples is not None:
-        # As diffusers: shuffle with the seed, then keep the first max_train_samples.
-        data = data.shuffle(seed=seed).select(range(min(max_train_samples, len(data))))
-    images = CaptionedImages(data, image_column, caption_column, where)
-    images.load_captions()
-    for i, caption in enumerate(images.captions):
-        if not _has_text(caption):
-            raise ConfigError(f"image {i} of {where} has no caption in column '{caption_column}': "
-                              "give every image a caption (empty captions are not allowed)")
-    return images
+    return HFImages(data, image_column, caption_column, where)
+
+
+def _subset(data: CaptionedImages, count: int, seed: int) -> CaptionedImages:
+    """`count` samples picked by a seeded shuffle, as diffusers' --max_train_samples does."""
+    import numpy as np
+
+    keep = [int(i) for i in np.random.default_rng(seed).permutation(len(data))[:count]]
+    if isinstance(data, HFImages):
+        subset = HFImages.__new__(HFImages)
+        subset.dataset, subset.image_column, subset.where = (data.dataset.select(keep),
+                                                              data.image_column, data.where)
+        subset.captions = [data.captions[i] for i in keep]
+        return subset
+    return FolderImages([data.paths[i] for i in keep], [data.captions[i] for i in keep], data.where)
 
 
 def _has_text(caption) -> bool:
@@ -97,22 +192,3 @@ def _has_text(caption) -> bool:
     if isinstance(caption, (list, tuple)):
         return any(isinstance(c, str) and c.strip() for c in caption)
     return False
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def _check_image_folder(folder: str) -> None:
-    """An imagefolder needs images and a metadata file with captions; say which is missing."""
-    has_image = has_metadata = False
-    for _, _, files in os.walk(folder):
-        for name in files:
-            lower = name.lower()
-            has_image |= lower.endswith(IMAGE_SUFFIXES)
-            has_metadata |= lower in ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-    if not has_image:
-        raise ConfigError(f"--train_data_dir {folder} contains no images "
-                          f"({', '.join(IMAGE_SUFFIXES)})")
-    if not has_metadata:
-        raise ConfigError(f"--train_data_dir {folder} has no metadata.jsonl: add one line per image, "
-                          'e.g. {"file_name": "0001.png", "text": "a caption"}')

@@ -100,7 +100,8 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     seed = cfg.run_seed
     images = open_dataset(cfg.dataset_name, cfg.dataset_config_name, cfg.train_data_dir,
                           cfg.image_column, cfg.caption_column, cfg.max_train_samples,
-                          cfg.cache_dir, seed)
+                          cfg.cache_dir, seed, caption_extension=cfg.caption_extension,
+                          allow_empty_captions=cfg.allow_empty_captions)
     n_devices, n_hosts = jax.device_count(), jax.process_count()
     k = cfg.gradient_accumulation_steps
     global_rows = cfg.train_batch_size * n_devices
@@ -116,7 +117,10 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     loader = Loader(images, sd.tokenizer, global_batch=global_rows, accumulation_steps=k,
                     process_index=jax.process_index(), process_count=n_hosts, seed=seed,
                     resolution=cfg.resolution, center_crop=cfg.center_crop,
-                    random_flip=cfg.random_flip, num_workers=cfg.dataloader_num_workers)
+                    random_flip=cfg.random_flip, num_workers=cfg.dataloader_num_workers,
+                    interpolation=cfg.image_interpolation_mode,
+                    caption_dropout_probability=cfg.caption_dropout_probability,
+                    max_bad_images=cfg.max_bad_images)
     max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * loader.batches_per_epoch / k)
 
     peak_lr = cfg.learning_rate * (k * cfg.train_batch_size * n_devices if cfg.scale_lr else 1)
