@@ -1,0 +1,81 @@
+"""Host input pipeline throughput: JPEG decode + resize + crop + flip + tokenize + batch.
+
+    python bench/data_pipeline.py --images 64 --resolution 512 --workers 1 2
+
+Writes a folder of random-content JPEGs (768x640, a typical photo-sized source) with caption
+files, then times sdjax's Loader building batches exactly as training does, with 1, 2, ...
+decode threads. Reports images/s, images/s per thread, and how many host cores that means for
+the published 128 images/s per H100 (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sdjax.data import Loader, open_dataset  # noqa: E402
+
+TARGET_IMAGES_PER_S = 128  # NVIDIA NeMo MLPerf v4.0, SD at 512 px, per H100
+
+
+def make_images(folder: str, count: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        # Smooth random content compresses like a photo, unlike white noise.
+        small = rng.integers(0, 255, (24, 20, 3), np.uint8)
+        Image.fromarray(small).resize((768, 640), Image.Resampling.BICUBIC).save(
+            os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+        with open(os.path.join(folder, f"{i:05d}.txt"), "w") as f:
+            f.write(f"a photo number {i}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = p.parse_args()
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models", "tiny",
+        "tokenizer"))
+    results = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "source": "768x640 JPEG (quality 90)", "resolution": args.resolution, "runs": []}
+    with tempfile.TemporaryDirectory() as folder:
+        make_images(folder, args.images)
+        data = open_dataset(train_data_dir=folder)
+        steps = args.images // args.batch
+        for workers in args.workers:
+            loader = Loader(data, tokenizer, global_batch=args.batch, accumulation_steps=1,
+                            process_index=0, process_count=1, seed=0, resolution=args.resolution,
+                            center_crop=False, random_flip=True, num_workers=workers)
+            with ThreadPoolExecutor(workers) as pool:
+                loader.step_batch(pool, 0)  # warm caches
+                t0 = time.perf_counter()
+                for step in range(steps):
+                    loader.step_batch(pool, step)
+                elapsed = time.perf_counter() - t0
+            rate = steps * args.batch / elapsed
+            results["runs"].append({
+                "threads": workers, "images_per_s": round(rate, 1),
+                "images_per_s_per_thread": round(rate / workers, 1),
+                "host_cores_for_128_images_per_s": round(TARGET_IMAGES_PER_S / (rate / workers), 1)})
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
