@@ -45,6 +45,10 @@ class TrainConfig:
     center_crop: bool = False
     random_flip: bool = False
     image_interpolation_mode: str = "lanczos"
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
     dataloader_num_workers: int = 0
     # Batch and schedule
     train_batch_size: int = 16

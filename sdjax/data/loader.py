@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
+from sdjax.data.buckets import BucketPlan
 from sdjax.data.sources import CaptionedImages
 from sdjax.errors import ConfigError
 
@@ -50,20 +51,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def transform_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+def transform_image(image: Image.Image, resolution, center_crop: bool, random_flip: bool,
                     rng: np.random.Generator, interpolation: str = "lanczos") -> np.ndarray:
-    """Shorter side to `resolution`, square crop, optional flip -> float32 CHW in [-1, 1]."""
+    """Scale to cover `resolution` (a side, or (width, height) of a bucket), crop to it, optional
+    flip -> float32 CHW in [-1, 1]. For a square size this is diffusers' shorter-side resize."""
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     image = to_rgb(image)
     w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    scale = max(width / w, height / h)
+    size = (max(width, round(w * scale)), max(height, round(h * scale)))
     image = image.resize(size, INTERPOLATION[interpolation])
     w, h = image.size
     if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = (w - width) // 2, (h - height) // 2
     else:
-        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
-    array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), np.float32)
+        left, top = int(rng.integers(0, w - width + 1)), int(rng.integers(0, h - height + 1))
+    array = np.asarray(image.crop((left, top, left + width, top + height)), np.float32)
     if random_flip and rng.random() < 0.5:
         array = array[:, ::-1]
     return np.ascontiguousarray(array.transpose(2, 0, 1)) / 127.5 - 1.0
@@ -76,7 +79,8 @@ class Loader:
                  accumulation_steps: int, process_index: int, process_count: int, seed: int,
                  resolution: int, center_crop: bool, random_flip: bool, num_workers: int = 0,
                  prefetch: int = 2, interpolation: str = "lanczos",
-                 caption_dropout_probability: float = 0.0, max_bad_images: Optional[int] = None):
+                 caption_dropout_probability: float = 0.0, max_bad_images: Optional[int] = None,
+                 buckets: Optional[BucketPlan] = None):
         if global_batch % process_count:
             raise ValueError("the global batch must divide evenly among hosts")
         self.images = images
@@ -99,6 +103,30 @@ class Loader:
         self.bad_images: dict = {}
         self._bad_lock = threading.Lock()
         self.batches_per_epoch = len(images) // global_batch
+        self.buckets = buckets
+        if buckets is not None:
+            self._groups = {}
+            self.batches_per_epoch = len(self._epoch_groups(0)) * self.k
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.batches_per_epoch / self.k
+
+    def _epoch_groups(self, epoch: int) -> list:
+        if epoch not in self._groups:
+            self._groups = {epoch: self.buckets.epoch_groups(self.seed, epoch,
+                                                             self.k * self.global_batch)}
+        return self._groups[epoch]
+
+    def step_plan(self, step: int) -> tuple:
+        """((width, height), this host's data set indices shaped (k, rows)) of step `step`."""
+        if self.buckets is None:
+            size = (self.resolution, self.resolution)
+            return size, np.stack([self.sample_indices(step * self.k + j) for j in range(self.k)])
+        epoch, g = divmod(step, self.batches_per_epoch // self.k)
+        bucket, indices = self._epoch_groups(epoch)[g]
+        rows = indices.reshape(self.k, self.global_batch)[:, self.first_row:self.first_row + self.rows]
+        return self.buckets.sizes[bucket], rows
 
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
@@ -109,7 +137,7 @@ class Loader:
         start = b * self.global_batch + self.first_row
         return self._order(epoch)[start:start + self.rows]
 
-    def _pixels(self, index: int, rng: np.random.Generator):
+    def _pixels(self, index: int, size: tuple, rng: np.random.Generator):
         """The transformed image `index`, or of the next readable one if it cannot be read."""
         n = len(self.images)
         for attempt in range(n):
@@ -118,7 +146,7 @@ class Loader:
                 continue
             try:
                 image = self.images.image(candidate)
-                return candidate, transform_image(image, self.resolution, self.center_crop,
+                return candidate, transform_image(image, size, self.center_crop,
                                                   self.random_flip, rng, self.interpolation)
             except DECODE_ERRORS as e:
                 self._record_bad(candidate, e)
@@ -138,10 +166,10 @@ class Loader:
             raise ConfigError(f"{count} unreadable images (more than --max_bad_images="
                               f"{self.max_bad_images}), e.g. {names}: fix or remove them")
 
-    def _sample(self, micro_batch: int, row: int, index: int):
+    def _sample(self, micro_batch: int, size: tuple, row: int, index: int):
         position = micro_batch * self.global_batch + self.first_row + row
         rng = np.random.default_rng([self.seed, 1, position])
-        index, pixels = self._pixels(index, rng)
+        index, pixels = self._pixels(index, size, rng)
         caption = self.images.caption(index)
         if not isinstance(caption, str):  # several captions: one at random, as diffusers does
             options = [c for c in caption if isinstance(c, str) and c.strip()] or [""]
@@ -150,15 +178,15 @@ class Loader:
             caption = ""  # the unconditional prompt, for classifier-free guidance
         return pixels, caption
 
-    def _micro_batch(self, pool, micro_batch: int):
-        indices = self.sample_indices(micro_batch)
-        samples = list(pool.map(lambda a: self._sample(micro_batch, *a), enumerate(indices)))
+    def _micro_batch(self, pool, micro_batch: int, size: tuple, indices: np.ndarray):
+        samples = list(pool.map(lambda a: self._sample(micro_batch, size, *a), enumerate(indices)))
         ids = self.tokenizer([c for _, c in samples], padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length, return_tensors="np").input_ids
         return np.stack([p for p, _ in samples]), ids.astype(np.int32)
 
     def step_batch(self, pool, step: int) -> dict:
-        parts = [self._micro_batch(pool, step * self.k + j) for j in range(self.k)]
+        size, indices = self.step_plan(step)
+        parts = [self._micro_batch(pool, step * self.k + j, size, indices[j]) for j in range(self.k)]
         return {"pixel_values": np.stack([p for p, _ in parts]),
                 "input_ids": np.stack([i for _, i in parts])}
 

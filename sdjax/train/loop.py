@@ -114,14 +114,19 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     if sd.tokenizer is None:
         raise ConfigError(f"{cfg.pretrained_model_name_or_path} has no tokenizer/")
     schedule = NoiseSchedule.from_config(sd.scheduler_config, cfg.prediction_type)
+    buckets = _bucket_plan(cfg, images, is_main) if cfg.enable_bucket else None
     loader = Loader(images, sd.tokenizer, global_batch=global_rows, accumulation_steps=k,
                     process_index=jax.process_index(), process_count=n_hosts, seed=seed,
                     resolution=cfg.resolution, center_crop=cfg.center_crop,
                     random_flip=cfg.random_flip, num_workers=cfg.dataloader_num_workers,
                     interpolation=cfg.image_interpolation_mode,
                     caption_dropout_probability=cfg.caption_dropout_probability,
-                    max_bad_images=cfg.max_bad_images)
-    max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * loader.batches_per_epoch / k)
+                    max_bad_images=cfg.max_bad_images, buckets=buckets)
+    if loader.batches_per_epoch == 0:
+        raise ConfigError(f"no bucket holds a full step's batch of {global_rows * k} images; "
+                          "lower --train_batch_size or --gradient_accumulation_steps, or widen "
+                          "--bucket_reso_steps")
+    max_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * loader.steps_per_epoch)
 
     peak_lr = cfg.learning_rate * (k * cfg.train_batch_size * n_devices if cfg.scale_lr else 1)
     lr_schedule = learning_rate_schedule(cfg.lr_scheduler, peak_lr, cfg.lr_warmup_steps, max_steps)
@@ -199,6 +204,19 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     return cfg.output_dir
 
 
+def _bucket_plan(cfg: TrainConfig, images, is_main: bool):
+    from sdjax.data.buckets import BucketPlan, image_sizes
+
+    plan = BucketPlan.build(image_sizes(images), cfg.resolution, cfg.min_bucket_reso,
+                            cfg.max_bucket_reso, cfg.bucket_reso_steps)
+    if is_main:
+        path = os.path.join(cfg.output_dir, "buckets.jsonl")
+        plan.write_log(path, [images.name(i) for i in range(len(images))])
+        used = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(plan.used().items()))
+        print(f"aspect-ratio buckets (width x height: images): {used}; each image's bucket is in {path}")
+    return plan
+
+
 def _warn_on_changed_data(meta, global_rows, k, seed, is_main):
     before = (meta.get("global_batch"), meta.get("accumulation"), meta.get("seed"))
     if before != (global_rows, k, seed) and is_main:
@@ -216,18 +234,21 @@ def _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, wr
     bar = tqdm(total=max_steps, initial=start_step, disable=not is_main, desc="steps",
                dynamic_ncols=True)
     batches = loader.iterate(start_step)
+    compiled = {}
     window_start, window_steps = time.perf_counter(), 0
     last_good = max(saved_steps) if saved_steps else None
     try:
         for step in range(start_step, max_steps):
             batch = global_batch(next(batches), mesh, sample_axis=1)
-            if step == start_step:
+            shape = batch["pixel_values"].shape
+            if shape not in compiled:  # one program per batch shape (bucket), compiled once
                 t0 = time.perf_counter()
-                compiled = step_fn.lower(state, frozen, batch).compile()
+                compiled[shape] = step_fn.lower(state, frozen, batch).compile()
                 if is_main:
-                    print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
-                window_start = time.perf_counter()
-            state, metrics = compiled(state, frozen, batch)
+                    print(f"compiled the train step for {shape[-1]}x{shape[-2]} images in "
+                          f"{time.perf_counter() - t0:.1f} s")
+                window_start, window_steps = time.perf_counter(), 0
+            state, metrics = compiled[shape](state, frozen, batch)
             window_steps += 1
             done = step + 1
             log_now = done % cfg.logging_steps == 0 or done == max_steps
