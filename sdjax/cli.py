@@ -1,6 +1,7 @@
-"""Command line of train_flax.py: `train` (the default), `export`.
+"""Command line of train_flax.py: `train` (the default), `cache`, `export`.
 
     python train_flax.py [train] --pretrained_model_name_or_path ... --train_data_dir ...
+    python train_flax.py cache <the same flags>    (encode the data set into the latent cache)
     python train_flax.py export --checkpoint OUT/checkpoints/checkpoint_N --output DIR
 
 Errors a user can fix are printed as one line (no traceback) with exit status 2.
@@ -14,7 +15,7 @@ import sys
 
 from sdjax.errors import SdjaxError
 
-COMMANDS = ("train", "export")
+COMMANDS = ("train", "cache", "export")
 
 
 def _quiet_libraries() -> None:
@@ -48,6 +49,12 @@ def main(argv=None) -> int:
 
             args = export_parser().parse_args(argv)
             export_checkpoint(args.checkpoint, args.output, ema=args.ema, dtype=args.dtype)
+        elif command == "cache":
+            from sdjax.config import parse_train_args
+            from sdjax.train.loop import build_cache
+
+            cfg, notes = parse_train_args(argv)
+            build_cache(cfg, notes)
         else:
             from sdjax.config import parse_train_args
             from sdjax.train.loop import train

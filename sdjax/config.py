@@ -50,6 +50,9 @@ class TrainConfig:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     dataloader_num_workers: int = 0
+    cache_latents: bool = False
+    latent_cache_dir: Optional[str] = None
+    rebuild_cache: bool = False
     # Batch and schedule
     train_batch_size: int = 16
     num_train_epochs: int = 100
@@ -144,6 +147,9 @@ class TrainConfig:
         if self.resume_from_checkpoint is not None and not _is_checkpoint_ref(self.resume_from_checkpoint):
             problems.append(f"--resume_from_checkpoint={self.resume_from_checkpoint!r}: give latest, "
                             "checkpoint-N, N or a checkpoint path")
+        if self.latent_cache_dir and os.path.exists(self.latent_cache_dir) and not os.path.isdir(
+                self.latent_cache_dir):
+            problems.append(f"--latent_cache_dir {self.latent_cache_dir} exists and is not a directory")
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             problems.append(f"--output_dir {self.output_dir} exists and is not a directory")
         if problems:

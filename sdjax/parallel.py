@@ -82,6 +82,12 @@ def global_batch(local: dict, mesh: Mesh, sample_axis: int = 0) -> dict:
             for k, v in local.items()}
 
 
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This host's rows of a batch-sharded array, in order, as one numpy array."""
+    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
 def replicate(tree, mesh: Mesh):
     """Places a host tree (the same on every host) replicated on every device of every host."""
     sharding = replicated(mesh)

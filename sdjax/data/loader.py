@@ -73,14 +73,17 @@ def transform_image(image: Image.Image, resolution, center_crop: bool, random_fl
 
 
 class Loader:
-    """Yields this host's part of each optimizer step's batch: arrays shaped (k, rows, ...)."""
+    """Yields this host's part of each optimizer step's batch: arrays shaped (k, rows, ...).
+
+    With a latent cache the images are not read: the cached latent moments of the sample (in
+    the orientation its flip draw picks) and the cached embedding of its caption are."""
 
     def __init__(self, images: CaptionedImages, tokenizer, *, global_batch: int,
                  accumulation_steps: int, process_index: int, process_count: int, seed: int,
                  resolution: int, center_crop: bool, random_flip: bool, num_workers: int = 0,
                  prefetch: int = 2, interpolation: str = "lanczos",
                  caption_dropout_probability: float = 0.0, max_bad_images: Optional[int] = None,
-                 buckets: Optional[BucketPlan] = None):
+                 buckets: Optional[BucketPlan] = None, cache=None):
         if global_batch % process_count:
             raise ValueError("the global batch must divide evenly among hosts")
         self.images = images
@@ -104,6 +107,7 @@ class Loader:
         self._bad_lock = threading.Lock()
         self.batches_per_epoch = len(images) // global_batch
         self.buckets = buckets
+        self.cache = cache  # a LatentCache: batches of latent moments and text embeddings
         if buckets is not None:
             self._groups = {}
             self.batches_per_epoch = len(self._epoch_groups(0)) * self.k
@@ -137,8 +141,11 @@ class Loader:
         start = b * self.global_batch + self.first_row
         return self._order(epoch)[start:start + self.rows]
 
-    def _pixels(self, index: int, size: tuple, rng: np.random.Generator):
-        """The transformed image `index`, or of the next readable one if it cannot be read."""
+    def read_pixels(self, index: int, size: tuple, rng: np.random.Generator,
+                    random_flip: Optional[bool] = None) -> tuple:
+        """(the image read, its transformed pixels): image `index`, or the next readable one if
+        it cannot be read."""
+        random_flip = self.random_flip if random_flip is None else random_flip
         n = len(self.images)
         for attempt in range(n):
             candidate = (int(index) + attempt) % n
@@ -146,8 +153,8 @@ class Loader:
                 continue
             try:
                 image = self.images.image(candidate)
-                return candidate, transform_image(image, size, self.center_crop,
-                                                  self.random_flip, rng, self.interpolation)
+                return candidate, transform_image(image, size, self.center_crop, random_flip,
+                                                  rng, self.interpolation)
             except DECODE_ERRORS as e:
                 self._record_bad(candidate, e)
         raise ConfigError(f"no readable image in {self.images.where}")
@@ -169,26 +176,38 @@ class Loader:
     def _sample(self, micro_batch: int, size: tuple, row: int, index: int):
         position = micro_batch * self.global_batch + self.first_row + row
         rng = np.random.default_rng([self.seed, 1, position])
-        index, pixels = self._pixels(index, size, rng)
+        if self.cache is None:
+            index, data = self.read_pixels(index, size, rng)
+        else:
+            # The flip coin is the draw transform_image makes (it is its first with a center
+            # crop), so a cached run flips the samples an uncached one would.
+            view = int(self.random_flip and rng.random() < 0.5)
+            data, index = self.cache.latent(index, view)
         caption = self.images.caption(index)
         if not isinstance(caption, str):  # several captions: one at random, as diffusers does
             options = [c for c in caption if isinstance(c, str) and c.strip()] or [""]
             caption = options[int(rng.integers(len(options)))]
         if self.caption_dropout and rng.random() < self.caption_dropout:
             caption = ""  # the unconditional prompt, for classifier-free guidance
-        return pixels, caption
+        return data, caption
 
-    def _micro_batch(self, pool, micro_batch: int, size: tuple, indices: np.ndarray):
+    def _micro_batch(self, pool, micro_batch: int, size: tuple, indices: np.ndarray) -> dict:
         samples = list(pool.map(lambda a: self._sample(micro_batch, size, *a), enumerate(indices)))
-        ids = self.tokenizer([c for _, c in samples], padding="max_length", truncation=True,
+        captions = [c for _, c in samples]
+        data = np.stack([d for d, _ in samples])
+        if self.cache is not None:
+            return {"latent_mean": data[:, 0], "latent_std": data[:, 1],
+                    "text_embeddings": self.cache.embeddings(captions)}
+        ids = self.tokenizer(captions, padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length, return_tensors="np").input_ids
-        return np.stack([p for p, _ in samples]), ids.astype(np.int32)
+        return {"pixel_values": data, "input_ids": ids.astype(np.int32)}
 
     def step_batch(self, pool, step: int) -> dict:
+        """This host's rows of step `step`: pixels and token ids, or cached latent moments and
+        text embeddings, each shaped (k, rows, ...)."""
         size, indices = self.step_plan(step)
         parts = [self._micro_batch(pool, step * self.k + j, size, indices[j]) for j in range(self.k)]
-        return {"pixel_values": np.stack([p for p, _ in parts]),
-                "input_ids": np.stack([i for _, i in parts])}
+        return {name: np.stack([part[name] for part in parts]) for name in parts[0]}
 
     def iterate(self, start_step: int) -> Iterator[dict]:
         """Batches for optimizer steps start_step, start_step + 1, ... built ahead in a thread."""

@@ -81,7 +81,8 @@ class _Preemption:
         return self.requested
 
 
-def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
+def _start(cfg: TrainConfig, notes: Optional[list]) -> bool:
+    """Validates, starts multi-host JAX, prepares output_dir; -> whether this is process 0."""
     cfg.validate()
     enable_compilation_cache()
     initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
@@ -96,14 +97,18 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
             raise ConfigError(f"cannot create --output_dir {cfg.output_dir}: {e.strerror}") from None
         if not os.access(cfg.output_dir, os.W_OK):
             raise ConfigError(f"--output_dir {cfg.output_dir} is not writable")
+    return is_main
 
+
+def _data_and_model(cfg: TrainConfig, is_main: bool, mesh, use_cache: bool) -> tuple:
+    """(images, model, loader): the data set opened and checked, the base model loaded, and
+    this host's loader (reading the latent cache, built first if need be, when asked to)."""
     seed = cfg.run_seed
     images = open_dataset(cfg.dataset_name, cfg.dataset_config_name, cfg.train_data_dir,
                           cfg.image_column, cfg.caption_column, cfg.max_train_samples,
                           cfg.cache_dir, seed, caption_extension=cfg.caption_extension,
                           allow_empty_captions=cfg.allow_empty_captions)
-    n_devices, n_hosts = jax.device_count(), jax.process_count()
-    k = cfg.gradient_accumulation_steps
+    n_devices = jax.device_count()
     global_rows = cfg.train_batch_size * n_devices
     if len(images) < global_rows:
         raise ConfigError(f"the data set has {len(images)} images, fewer than one global batch "
@@ -113,15 +118,41 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     sd = load_base_model(cfg.pretrained_model_name_or_path, seed, cfg.revision, cfg.variant)
     if sd.tokenizer is None:
         raise ConfigError(f"{cfg.pretrained_model_name_or_path} has no tokenizer/")
-    schedule = NoiseSchedule.from_config(sd.scheduler_config, cfg.prediction_type)
     buckets = _bucket_plan(cfg, images, is_main) if cfg.enable_bucket else None
-    loader = Loader(images, sd.tokenizer, global_batch=global_rows, accumulation_steps=k,
-                    process_index=jax.process_index(), process_count=n_hosts, seed=seed,
+    loader = Loader(images, sd.tokenizer, global_batch=global_rows,
+                    accumulation_steps=cfg.gradient_accumulation_steps,
+                    process_index=jax.process_index(), process_count=jax.process_count(), seed=seed,
                     resolution=cfg.resolution, center_crop=cfg.center_crop,
                     random_flip=cfg.random_flip, num_workers=cfg.dataloader_num_workers,
                     interpolation=cfg.image_interpolation_mode,
                     caption_dropout_probability=cfg.caption_dropout_probability,
                     max_bad_images=cfg.max_bad_images, buckets=buckets)
+    if use_cache:
+        from sdjax.cache import open_or_build
+
+        loader.cache = open_or_build(cfg, sd, images, loader, buckets, mesh, is_main,
+                                     rebuild=cfg.rebuild_cache)
+    return images, sd, loader
+
+
+def build_cache(cfg: TrainConfig, notes: Optional[list] = None) -> str:
+    """The `cache` command: encode the data set into the latent cache, and stop."""
+    is_main = _start(cfg, notes)
+    from sdjax.cache import cache_directory
+
+    _data_and_model(cfg, is_main, make_mesh(), use_cache=True)
+    return cache_directory(cfg)
+
+
+def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
+    is_main = _start(cfg, notes)
+    seed = cfg.run_seed
+    mesh = make_mesh()
+    images, sd, loader = _data_and_model(cfg, is_main, mesh, use_cache=cfg.cache_latents)
+    schedule = NoiseSchedule.from_config(sd.scheduler_config, cfg.prediction_type)
+    n_devices, n_hosts = jax.device_count(), jax.process_count()
+    k = cfg.gradient_accumulation_steps
+    global_rows = cfg.train_batch_size * n_devices
     if loader.batches_per_epoch == 0:
         raise ConfigError(f"no bucket holds a full step's batch of {global_rows * k} images; "
                           "lower --train_batch_size or --gradient_accumulation_steps, or widen "
@@ -144,10 +175,11 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     base_step = make_train_step(loss_fn, tx, lr_schedule)
     base_key = jax.random.key(seed)
 
-    mesh = make_mesh()
     repl = replicated(mesh)
-    frozen = replicate({c: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), sd.params[c])
-                        for c in ("vae", "text_encoder")}, mesh)
+    # From the cache, the step needs neither the VAE nor the text encoder on the devices.
+    frozen = {} if loader.cache is not None else replicate(
+        {c: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), sd.params[c])
+         for c in ("vae", "text_encoder")}, mesh)
     state = jax.jit(lambda p: init_state(p, tx, cfg.use_ema), out_shardings=repl)(
         replicate(sd.params["unet"], mesh))
 
@@ -240,13 +272,15 @@ def _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, wr
     try:
         for step in range(start_step, max_steps):
             batch = global_batch(next(batches), mesh, sample_axis=1)
-            shape = batch["pixel_values"].shape
+            shape = tuple((name, x.shape) for name, x in sorted(batch.items()))
             if shape not in compiled:  # one program per batch shape (bucket), compiled once
                 t0 = time.perf_counter()
                 compiled[shape] = step_fn.lower(state, frozen, batch).compile()
                 if is_main:
-                    print(f"compiled the train step for {shape[-1]}x{shape[-2]} images in "
-                          f"{time.perf_counter() - t0:.1f} s")
+                    what = ("images", batch["pixel_values"]) if "pixel_values" in batch else (
+                        "cached latents", batch["latent_mean"])
+                    print(f"compiled the train step for {what[1].shape[-1]}x{what[1].shape[-2]} "
+                          f"{what[0]} in {time.perf_counter() - t0:.1f} s")
                 window_start, window_steps = time.perf_counter(), 0
             state, metrics = compiled[shape](state, frozen, batch)
             window_steps += 1

@@ -1,8 +1,9 @@
 """The training state and the pure, jitted update step.
 
 `train_step(state, frozen, batch, key) -> (state, metrics)`: state = {step, params, opt_state,
-ema}; frozen = VAE and text encoder parameters (never donated); batch arrays are shaped
-(k micro-batches, global rows, ...). Gradients are averaged over the k micro-batches in a
+ema}; frozen = VAE and text encoder parameters (never donated; empty when training from the
+latent cache); batch arrays are shaped (k micro-batches, global rows, ...): pixel_values and
+input_ids, or latent_mean, latent_std and text_embeddings from the cache. Gradients are averaged over the k micro-batches in a
 `lax.scan`, so one call is one optimizer step whatever the accumulation.
 
 Every random draw of a sample (latent sample, noise, timestep, offset noise, perturbation) comes
@@ -58,11 +59,14 @@ def _per_sample_draws(key, positions, latent_shape, num_timesteps):
 
 def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: LossConfig):
     def loss_fn(unet_params, frozen, batch, key, first_position):
-        pixels, input_ids = batch["pixel_values"], batch["input_ids"]
-        rows = pixels.shape[0]
-        dist = vae.apply({"params": frozen["vae"]}, pixels, method="encode")
-        mean = jax.lax.stop_gradient(dist.mean.astype(jnp.float32))
-        std = jax.lax.stop_gradient(dist.std.astype(jnp.float32))
+        if "latent_mean" in batch:  # from the latent cache: the VAE's output, read from disk
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        else:
+            dist = vae.apply({"params": frozen["vae"]}, batch["pixel_values"], method="encode")
+            mean, std = dist.mean, dist.std
+        mean = jax.lax.stop_gradient(mean.astype(jnp.float32))
+        std = jax.lax.stop_gradient(std.astype(jnp.float32))
+        rows = mean.shape[0]
         positions = first_position + jnp.arange(rows)
         z, noise, t, offset, perturb = _per_sample_draws(key, positions, mean.shape[1:],
                                                          schedule.num_train_timesteps)
@@ -71,8 +75,11 @@ def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: 
             noise = noise + loss_config.noise_offset * offset
         noised_with = noise + loss_config.input_perturbation * perturb if loss_config.input_perturbation else noise
         noisy = schedule.add_noise(latents, noised_with, t)
-        context = jax.lax.stop_gradient(
-            text_encoder.apply({"params": frozen["text_encoder"]}, input_ids))
+        if "text_embeddings" in batch:
+            context = batch["text_embeddings"]
+        else:
+            context = text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"])
+        context = jax.lax.stop_gradient(context)
         pred = unet.apply({"params": unet_params}, noisy, t, context).astype(jnp.float32)
         target = schedule.target(latents, noise, t)
         per_sample = jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim)))
@@ -85,7 +92,7 @@ def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr_schedule: Callable):
     def train_step(state: TrainState, frozen, batch, key):
-        k, rows = batch["input_ids"].shape[:2]
+        k, rows = jax.tree_util.tree_leaves(batch)[0].shape[:2]
         step_key = jax.random.fold_in(key, state.step)
 
         def micro(carry, inputs):
