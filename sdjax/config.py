@@ -33,6 +33,7 @@ class TrainConfig:
     dataset_name: Optional[str] = None
     dataset_config_name: Optional[str] = None
     train_data_dir: Optional[str] = None
+    tfds_data_dir: Optional[str] = None
     image_column: str = "image"
     caption_column: str = "text"
     max_train_samples: Optional[int] = None

@@ -83,3 +83,11 @@ def saved_dataset(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("datasets") / "demo-captions")
     data.save_to_disk(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+    """A prepared TFDS data directory holding tiny_demo_captions (configs all/half)."""
+    from tests.tiny_tfds import prepare
+
+    return prepare(str(tmp_path_factory.mktemp("tfds")))

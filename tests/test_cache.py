@@ -174,3 +174,16 @@ def test_training_from_the_cache(built, capsys):
     assert f"latent cache: using {directory} (12 images)" in out
     assert "cached latents" in out
     assert os.path.exists(os.path.join(cfg.output_dir, "model_index.json"))
+
+
+def test_cache_from_a_tfds_data_set(tfds_dir, tmp_path):
+    """The whole command path on a TFDS source: tfds:NAME with --tfds_data_dir."""
+    args = (f"--pretrained_model_name_or_path=tiny --dataset_name=tfds:tiny_demo_captions "
+            f"--tfds_data_dir={tfds_dir} --caption_column=caption --resolution=32 --center_crop "
+            f"--train_batch_size=1 --output_dir={tmp_path / 'run'}").split()
+    assert main(["cache"] + args) == 0
+    cfg, _ = parse_train_args(args)
+    images = open_dataset(cfg.dataset_name, tfds_data_dir=tfds_dir, caption_column="caption")
+    sd = load_base_model("tiny", 0)
+    cache = LatentCache.open(cache_directory(cfg), cache_key(cfg, sd, images))
+    assert len(cache) == 12 and images.captions[0] in cache._caption_row

@@ -1,5 +1,6 @@
 """Data layouts, captions, image modes and broken files (host side only: no model, no compile)."""
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,6 +11,7 @@ from PIL import Image
 from sdjax.data import Loader, open_dataset
 from sdjax.data.loader import to_rgb, transform_image
 from sdjax.errors import ConfigError
+from tests.conftest import DEMO_DATA
 from tests.tiny_torch import TINY_TOKENIZER
 
 
@@ -142,3 +144,29 @@ def test_broken_files_are_skipped_counted_and_limited(folder, tokenizer, caplog)
     with ThreadPoolExecutor(2) as pool, pytest.raises(ConfigError, match="more than --max_bad_images=2"):
         strict.step_batch(pool, 0)
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before  # untouched
+
+
+def test_tfds_by_name_config_and_split(tfds_dir):
+    """tfds:NAME[/CONFIG][:SPLIT] from --tfds_data_dir: the images and captions, in order, one
+    caption or several per image, without TensorFlow."""
+    import sys
+
+    data = open_dataset("tfds:tiny_demo_captions", tfds_data_dir=tfds_dir, caption_column="caption")
+    records = [json.loads(line) for line in open(os.path.join(DEMO_DATA, "metadata.jsonl"))]
+    assert len(data) == 12 and data.captions[1] == records[1]["text"]
+    demo = Image.open(os.path.join(DEMO_DATA, records[1]["file_name"])).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(data.image(1)), np.asarray(demo))
+    several = open_dataset("tfds:tiny_demo_captions/half:train[2:5]", tfds_data_dir=tfds_dir,
+                           caption_column="captions")
+    assert len(several) == 3 and several.captions[1] == [data.captions[3], "another caption 3"]
+    assert "tensorflow" not in sys.modules
+
+
+def test_tfds_bad_names_and_columns(tfds_dir):
+    with pytest.raises(ConfigError, match="no prepared data set no_such_set"):
+        open_dataset("tfds:no_such_set", tfds_data_dir=tfds_dir)
+    with pytest.raises(ConfigError, match="'text' is not a feature of .* its features are "
+                                          "caption, captions, image"):
+        open_dataset("tfds:tiny_demo_captions", tfds_data_dir=tfds_dir)
+    with pytest.raises(ConfigError, match="write tfds:NAME"):
+        open_dataset("tfds:", tfds_data_dir=tfds_dir)

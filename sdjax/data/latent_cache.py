@@ -60,6 +60,7 @@ def data_fingerprint(images) -> str:
     dataset = getattr(images, "dataset", None)
     if dataset is not None and getattr(dataset, "_fingerprint", None):
         digest.update(f"hf:{dataset._fingerprint};".encode())
+    digest.update(f"{getattr(images, 'identity', '')};".encode())
     for i in range(len(images)):
         name = images.name(i)
         stamp = ""

@@ -4,6 +4,8 @@
   imagefolder (`--train_data_dir` with metadata.jsonl/csv/parquet).
 - A plain folder of images with same-name caption files (`a/b/0001.png` + `a/b/0001.txt`,
   nested folders included), the layout most community trainers use.
+- TensorFlow Datasets: `--dataset_name tfds:NAME[/CONFIG][:SPLIT]` (+ `--tfds_data_dir`), a
+  prepared array_record data set read with random access, without TensorFlow.
 
 Everything is checked when the data set is opened, before any model is compiled: the columns
 exist, there are images, every image has a caption (unless empty captions are allowed).
@@ -12,6 +14,7 @@ exist, there are images, every image has a caption (unless empty captions are al
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 from PIL import Image
@@ -52,6 +55,27 @@ class HFImages(CaptionedImages):
 
     def image(self, index: int) -> Image.Image:
         return self.dataset[int(index)][self.image_column]
+
+
+class TFDSImages(CaptionedImages):
+    """A prepared TFDS data set through `tfds.data_source` (random access, no TensorFlow).
+    Images come undecoded and are decoded here, like every other source's (PIL)."""
+
+    def __init__(self, source, image_column: str, captions: list, where: str):
+        self.source = source
+        self.image_column = image_column
+        self.captions = captions
+        self.where = where
+        info = getattr(source, "dataset_info", None)
+        self.identity = f"tfds:{getattr(info, 'full_name', where)}:{getattr(source, 'split', '')}"
+
+    def image(self, index: int) -> Image.Image:
+        import io
+
+        value = self.source[int(index)][self.image_column]
+        if isinstance(value, bytes):
+            return Image.open(io.BytesIO(value))
+        return Image.fromarray(value)
 
 
 class FolderImages(CaptionedImages):
@@ -134,11 +158,93 @@ def _open_folder(folder: str, images: list, caption_extension: Optional[str],
     return FolderImages(images, captions, folder)
 
 
+TFDS_PREFIX = "tfds:"
+
+
+def parse_tfds_name(spec: str) -> tuple:
+    """'tfds:NAME[/CONFIG][:SPLIT]' -> ('NAME[/CONFIG]', SPLIT); the split defaults to train."""
+    rest = spec[len(TFDS_PREFIX):]
+    name, _, split = rest.partition(":")
+    if not name or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise ConfigError(f"--dataset_name {spec}: write tfds:NAME, tfds:NAME/CONFIG or "
+                          "tfds:NAME/CONFIG:SPLIT (e.g. tfds:coco_captions:train[:90%])")
+    return name, split or "train"
+
+
+def _caption_text(value):
+    """TFDS text comes as bytes, several captions as a list (or array) of them."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_caption_text(v) for v in value]
+    return value
+
+
+def _nested(record: dict, column: str):
+    """`column` of a record; 'captions/text' reaches into nested features."""
+    value = record
+    for part in column.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            return KeyError(part)
+        value = value[part]
+    return value
+
+
+def _open_tfds(spec: str, data_dir: Optional[str], image_column: str,
+               caption_column: str) -> TFDSImages:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ConfigError("reading tfds: data sets needs tensorflow-datasets: "
+                          "pip install tensorflow-datasets") from None
+    name, split = parse_tfds_name(spec)
+    where = f"{spec} in {data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')}"
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                  decoders={image_column: tfds.decode.SkipDecoding()})
+    except NotImplementedError:
+        raise ConfigError(f"{where} is stored as tfrecord; sdjax reads TFDS data sets with random "
+                          f"access, which needs array_record: prepare it again with `tfds build "
+                          f"{name} --file_format=array_record`") from None
+    except Exception as e:  # tfds raises many types; its messages run to hundreds of lines
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if type(e).__name__ == "DatasetNotFoundError" or "not found" in first.lower():
+            first = f"no prepared data set {name} (give --tfds_data_dir, or `tfds build {name} --file_format=array_record`)"
+        raise ConfigError(f"cannot open the TFDS data set {where}: {first[:300]}") from None
+    if len(source) == 0:
+        raise ConfigError(f"the TFDS data set {where} has no images")
+    first = source[0]
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if isinstance(_nested(first, column), KeyError):
+            raise ConfigError(f"{flag} '{column}' is not a feature of {where}; its features are "
+                              f"{', '.join(_feature_names(first))}")
+    captions = []
+    for start in range(0, len(source), 256):  # one pass over the records; images stay encoded
+        records = source.__getitems__(list(range(start, min(start + 256, len(source)))))
+        captions += [_caption_text(_nested(r, caption_column)) for r in records]
+    return TFDSImages(source, image_column, captions, where)
+
+
+def _feature_names(record: dict, prefix: str = "") -> list:
+    names = []
+    for key, value in record.items():
+        names += (_feature_names(value, f"{prefix}{key}/") if isinstance(value, dict)
+                  else [prefix + key])
+    return names
+
+
 def open_dataset(dataset_name=None, dataset_config_name=None, train_data_dir=None,
                  image_column="image", caption_column="text", max_train_samples=None,
                  cache_dir=None, seed: int = 0, caption_extension: Optional[str] = None,
-                 allow_empty_captions: bool = False) -> CaptionedImages:
-    if train_data_dir and not dataset_name:
+                 allow_empty_captions: bool = False,
+                 tfds_data_dir: Optional[str] = None) -> CaptionedImages:
+    if dataset_name and dataset_name.startswith(TFDS_PREFIX):
+        data = _open_tfds(dataset_name, tfds_data_dir, image_column, caption_column)
+    elif train_data_dir and not dataset_name:
         paths, has_metadata = _walk_images(train_data_dir)
         if not paths:
             raise ConfigError(f"--train_data_dir {train_data_dir} contains no images "
@@ -177,6 +283,8 @@ def _subset(data: CaptionedImages, count: int, seed: int) -> CaptionedImages:
     import numpy as np
 
     keep = [int(i) for i in np.random.default_rng(seed).permutation(len(data))[:count]]
+    if isinstance(data, TFDSImages):
+        return _Subset(data, keep)
     if isinstance(data, HFImages):
         subset = HFImages.__new__(HFImages)
         subset.dataset, subset.image_column, subset.where = (data.dataset.select(keep),
@@ -192,3 +300,18 @@ def _has_text(caption) -> bool:
     if isinstance(caption, (list, tuple)):
         return any(isinstance(c, str) and c.strip() for c in caption)
     return False
+
+
+class _Subset(CaptionedImages):
+    """Some samples of another source, by index."""
+
+    def __init__(self, data: CaptionedImages, keep: list):
+        self.data, self.keep = data, keep
+        self.captions = [data.captions[i] for i in keep]
+        self.where = data.where
+
+    def image(self, index: int) -> Image.Image:
+        return self.data.image(self.keep[int(index)])
+
+    def name(self, index: int) -> str:
+        return self.data.name(self.keep[int(index)])

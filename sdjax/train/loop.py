@@ -107,7 +107,8 @@ def _data_and_model(cfg: TrainConfig, is_main: bool, mesh, use_cache: bool) -> t
     images = open_dataset(cfg.dataset_name, cfg.dataset_config_name, cfg.train_data_dir,
                           cfg.image_column, cfg.caption_column, cfg.max_train_samples,
                           cfg.cache_dir, seed, caption_extension=cfg.caption_extension,
-                          allow_empty_captions=cfg.allow_empty_captions)
+                          allow_empty_captions=cfg.allow_empty_captions,
+                          tfds_data_dir=cfg.tfds_data_dir)
     n_devices = jax.device_count()
     global_rows = cfg.train_batch_size * n_devices
     if len(images) < global_rows:
