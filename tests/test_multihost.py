@@ -65,3 +65,68 @@ def test_two_hosts_match_one_host(tmp_path):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
     # Both runs checkpointed at step 2; the two-host checkpoint restores like any other.
     assert (tmp_path / "multi" / "checkpoints" / "checkpoint_2").is_dir()
+
+
+def _mixed_images(root):
+    """16 wide and 8 square images: two aspect-ratio buckets."""
+    from PIL import Image
+
+    root.mkdir()
+    for i in range(24):
+        size = (64, 32) if i < 16 else (32, 32)
+        Image.new("RGB", size, (10 * i, 255 - 10 * i, 90)).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"picture number {i}")
+    return root
+
+
+@pytest.mark.slow
+def test_two_hosts_share_buckets_and_the_latent_cache(tmp_path):
+    """2 processes x 2 devices: every step's batch comes from one bucket, the hosts' rows are
+    disjoint and together are exactly the 1-host step; the cache both hosts build and read
+    holds what one host builds."""
+    import json
+
+    data = _mixed_images(tmp_path / "mixed")
+
+    def command(result, out, extra=()):
+        return [sys.executable, "-m", "tests.multihost_data", str(result),
+                "--pretrained_model_name_or_path=tiny", f"--train_data_dir={data}",
+                "--resolution=32", "--enable_bucket", "--min_bucket_reso=16",
+                "--max_bucket_reso=64", "--bucket_reso_steps=16", "--center_crop", "--random_flip",
+                "--train_batch_size=1", "--gradient_accumulation_steps=2", "--seed=3",
+                f"--output_dir={out}", *extra]
+
+    single = subprocess.run(command(tmp_path / "single.json", tmp_path / "one"), env=_env(4),
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen(command(tmp_path / f"host{i}.json", tmp_path / "two", [
+        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]),
+        env=_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    one = json.loads((tmp_path / "single.json").read_text())
+    hosts = [json.loads((tmp_path / f"host{i}.json").read_text()) for i in range(2)]
+    assert [h["process"] for h in hosts] == [0, 1]
+    assert len(one["plans"]) == 3  # 16 wide -> 2 groups of 2x4, 8 square -> 1 group
+    seen = []
+    for step, plan in enumerate(one["plans"]):
+        parts = [np.asarray(h["plans"][step]["indices"]) for h in hosts]
+        assert all(h["plans"][step]["size"] == plan["size"] for h in hosts)
+        assert not set(parts[0].ravel()) & set(parts[1].ravel())
+        np.testing.assert_array_equal(np.concatenate(parts, axis=1), plan["indices"])
+        wide = plan["size"][0] > plan["size"][1]
+        assert all((i < 16) == wide for i in np.ravel(plan["indices"]))  # one bucket per step
+        seen += list(np.ravel(plan["indices"]))
+        np.testing.assert_allclose(np.concatenate([h["latent_sums"][step] for h in hosts], axis=1),
+                                   one["latent_sums"][step], rtol=1e-5, atol=1e-5)
+    assert len(seen) == len(set(seen)) == 24  # one epoch: every image once, on one host
+    cache = tmp_path / "two" / "latent_cache"
+    assert {p.name for p in cache.glob("text-host*.npy")} == {"text-host000.npy", "text-host001.npy"}

@@ -81,7 +81,7 @@ class _Preemption:
         return self.requested
 
 
-def _start(cfg: TrainConfig, notes: Optional[list]) -> bool:
+def start_run(cfg: TrainConfig, notes: Optional[list]) -> bool:
     """Validates, starts multi-host JAX, prepares output_dir; -> whether this is process 0."""
     cfg.validate()
     enable_compilation_cache()
@@ -100,7 +100,7 @@ def _start(cfg: TrainConfig, notes: Optional[list]) -> bool:
     return is_main
 
 
-def _data_and_model(cfg: TrainConfig, is_main: bool, mesh, use_cache: bool) -> tuple:
+def data_and_model(cfg: TrainConfig, is_main: bool, mesh, use_cache: bool) -> tuple:
     """(images, model, loader): the data set opened and checked, the base model loaded, and
     this host's loader (reading the latent cache, built first if need be, when asked to)."""
     seed = cfg.run_seed
@@ -138,18 +138,18 @@ def _data_and_model(cfg: TrainConfig, is_main: bool, mesh, use_cache: bool) -> t
 
 def build_cache(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     """The `cache` command: encode the data set into the latent cache, and stop."""
-    is_main = _start(cfg, notes)
+    is_main = start_run(cfg, notes)
     from sdjax.cache import cache_directory
 
-    _data_and_model(cfg, is_main, make_mesh(), use_cache=True)
+    data_and_model(cfg, is_main, make_mesh(), use_cache=True)
     return cache_directory(cfg)
 
 
 def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
-    is_main = _start(cfg, notes)
+    is_main = start_run(cfg, notes)
     seed = cfg.run_seed
     mesh = make_mesh()
-    images, sd, loader = _data_and_model(cfg, is_main, mesh, use_cache=cfg.cache_latents)
+    images, sd, loader = data_and_model(cfg, is_main, mesh, use_cache=cfg.cache_latents)
     schedule = NoiseSchedule.from_config(sd.scheduler_config, cfg.prediction_type)
     n_devices, n_hosts = jax.device_count(), jax.process_count()
     k = cfg.gradient_accumulation_steps
