@@ -34,6 +34,8 @@ class TrainConfig:
     dataset_config_name: Optional[str] = None
     train_data_dir: Optional[str] = None
     tfds_data_dir: Optional[str] = None
+    streaming: bool = False
+    shuffle_buffer_size: int = 1000
     image_column: str = "image"
     caption_column: str = "text"
     max_train_samples: Optional[int] = None
@@ -148,6 +150,17 @@ class TrainConfig:
         if self.resume_from_checkpoint is not None and not _is_checkpoint_ref(self.resume_from_checkpoint):
             problems.append(f"--resume_from_checkpoint={self.resume_from_checkpoint!r}: give latest, "
                             "checkpoint-N, N or a checkpoint path")
+        if self.streaming:
+            if self.max_train_steps is None:
+                problems.append("--streaming needs --max_train_steps (a stream's length is unknown)")
+            for flag in ("enable_bucket", "cache_latents", "max_train_samples"):
+                if getattr(self, flag):
+                    problems.append(f"--{flag} needs random access to the data set: not with "
+                                    "--streaming")
+            if self.dataset_name and self.dataset_name.startswith("tfds:"):
+                problems.append("tfds: data sets are read with random access: drop --streaming")
+            if self.shuffle_buffer_size < 1:
+                problems.append("--shuffle_buffer_size must be at least 1")
         if self.latent_cache_dir and os.path.exists(self.latent_cache_dir) and not os.path.isdir(
                 self.latent_cache_dir):
             problems.append(f"--latent_cache_dir {self.latent_cache_dir} exists and is not a directory")

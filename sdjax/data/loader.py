@@ -72,6 +72,17 @@ def transform_image(image: Image.Image, resolution, center_crop: bool, random_fl
     return np.ascontiguousarray(array.transpose(2, 0, 1)) / 127.5 - 1.0
 
 
+def choose_caption(caption, rng: np.random.Generator, dropout: float) -> str:
+    """One of several captions at random (as diffusers does), or the empty prompt with
+    probability `dropout` (for classifier-free guidance)."""
+    if not isinstance(caption, str):
+        options = [c for c in caption if isinstance(c, str) and c.strip()] or [""]
+        caption = options[int(rng.integers(len(options)))]
+    if dropout and rng.random() < dropout:
+        caption = ""
+    return caption
+
+
 class Loader:
     """Yields this host's part of each optimizer step's batch: arrays shaped (k, rows, ...).
 
@@ -183,13 +194,7 @@ class Loader:
             # crop), so a cached run flips the samples an uncached one would.
             view = int(self.random_flip and rng.random() < 0.5)
             data, index = self.cache.latent(index, view)
-        caption = self.images.caption(index)
-        if not isinstance(caption, str):  # several captions: one at random, as diffusers does
-            options = [c for c in caption if isinstance(c, str) and c.strip()] or [""]
-            caption = options[int(rng.integers(len(options)))]
-        if self.caption_dropout and rng.random() < self.caption_dropout:
-            caption = ""  # the unconditional prompt, for classifier-free guidance
-        return data, caption
+        return data, choose_caption(self.images.caption(index), rng, self.caption_dropout)
 
     def _micro_batch(self, pool, micro_batch: int, size: tuple, indices: np.ndarray) -> dict:
         samples = list(pool.map(lambda a: self._sample(micro_batch, size, *a), enumerate(indices)))

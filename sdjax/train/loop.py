@@ -104,6 +104,8 @@ def data_and_model(cfg: TrainConfig, is_main: bool, mesh, use_cache: bool) -> tu
     """(images, model, loader): the data set opened and checked, the base model loaded, and
     this host's loader (reading the latent cache, built first if need be, when asked to)."""
     seed = cfg.run_seed
+    if cfg.streaming:
+        return _stream_and_model(cfg)
     images = open_dataset(cfg.dataset_name, cfg.dataset_config_name, cfg.train_data_dir,
                           cfg.image_column, cfg.caption_column, cfg.max_train_samples,
                           cfg.cache_dir, seed, caption_extension=cfg.caption_extension,
@@ -136,11 +138,35 @@ def data_and_model(cfg: TrainConfig, is_main: bool, mesh, use_cache: bool) -> tu
     return images, sd, loader
 
 
+def _stream_and_model(cfg: TrainConfig) -> tuple:
+    from sdjax.data.stream import StreamLoader, open_stream
+
+    stream, where = open_stream(cfg.dataset_name, cfg.dataset_config_name, cfg.train_data_dir,
+                                cfg.image_column, cfg.caption_column, cfg.cache_dir)
+    sd = load_base_model(cfg.pretrained_model_name_or_path, cfg.run_seed, cfg.revision, cfg.variant)
+    if sd.tokenizer is None:
+        raise ConfigError(f"{cfg.pretrained_model_name_or_path} has no tokenizer/")
+    loader = StreamLoader(stream, where, cfg.image_column, cfg.caption_column, sd.tokenizer,
+                          global_batch=cfg.train_batch_size * jax.device_count(),
+                          accumulation_steps=cfg.gradient_accumulation_steps,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          seed=cfg.run_seed, resolution=cfg.resolution,
+                          center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+                          num_workers=cfg.dataloader_num_workers,
+                          interpolation=cfg.image_interpolation_mode,
+                          caption_dropout_probability=cfg.caption_dropout_probability,
+                          max_bad_images=cfg.max_bad_images,
+                          shuffle_buffer_size=cfg.shuffle_buffer_size)
+    return None, sd, loader
+
+
 def build_cache(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     """The `cache` command: encode the data set into the latent cache, and stop."""
     is_main = start_run(cfg, notes)
     from sdjax.cache import cache_directory
 
+    if cfg.streaming:
+        raise ConfigError("the latent cache needs random access to the data set: drop --streaming")
     data_and_model(cfg, is_main, make_mesh(), use_cache=True)
     return cache_directory(cfg)
 
@@ -209,8 +235,9 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
         print(f"sdjax {__version__}: {n_hosts} host(s), {n_devices} device(s) "
               f"({jax.devices()[0].platform}); per-device batch {cfg.train_batch_size}, "
               f"global batch {global_rows}, accumulation {k}, effective batch {global_rows * k}")
-        print(f"data: {len(images)} images from {images.where}, {loader.batches_per_epoch} "
-              f"global batches per epoch; training steps {start_step} -> {max_steps}; "
+        what = (f"{len(images)} images from {images.where}, {loader.batches_per_epoch} global "
+                 "batches per epoch" if images is not None else f"streaming {loader.where}")
+        print(f"data: {what}; training steps {start_step} -> {max_steps}; "
               f"compute {dtype.name}, EMA {'on' if cfg.use_ema else 'off'}, "
               f"prediction {schedule.prediction_type}")
 
