@@ -5,7 +5,9 @@
 Writes a folder of random-content JPEGs (768x640, a typical photo-sized source) with caption
 files, then times sdjax's Loader building batches exactly as training does, with 1, 2, ...
 decode threads. Reports images/s, images/s per thread, and how many host cores that means for
-the published 128 images/s per H100 (DESIGN.md).
+the published 128 images/s per H100 (DESIGN.md). `--cached` also builds a latent cache of the
+folder (tiny model: SD's latent shape, 4 x res/8 x res/8, both flips; its text embeddings are
+32 wide where SD's are 768) and times the batches read from it.
 """
 
 from __future__ import annotations
@@ -40,12 +42,31 @@ def make_images(folder: str, count: int) -> None:
             f.write(f"a photo number {i}")
 
 
+def build_cache(folder: str, args):
+    """The latent cache of `folder` as `train_flax.py cache` builds it (tiny model)."""
+    from sdjax.cache import cache_directory, cache_key
+    from sdjax.cli import main as cli
+    from sdjax.config import parse_train_args
+    from sdjax.data.latent_cache import LatentCache
+    from sdjax.train.loop import load_base_model
+
+    flags = (f"--pretrained_model_name_or_path=tiny --train_data_dir={folder} --resolution="
+             f"{args.resolution} --center_crop --random_flip --train_batch_size=8 "
+             f"--output_dir={os.path.join(folder, 'run')}").split()
+    if cli(["cache"] + flags) != 0:
+        raise SystemExit("building the cache failed")
+    cfg, _ = parse_train_args(flags)
+    return LatentCache.open(cache_directory(cfg), cache_key(cfg, load_base_model("tiny", 0),
+                                                            open_dataset(train_data_dir=folder)))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--cached", action="store_true", help="also time reading the latent cache")
     args = p.parse_args()
     from transformers import CLIPTokenizer
 
@@ -59,10 +80,13 @@ def main():
         make_images(folder, args.images)
         data = open_dataset(train_data_dir=folder)
         steps = args.images // args.batch
-        for workers in args.workers:
+        cache = build_cache(folder, args) if args.cached else None
+        for workers, cached in [(w, False) for w in args.workers] + (
+                [(w, True) for w in args.workers] if cache else []):
             loader = Loader(data, tokenizer, global_batch=args.batch, accumulation_steps=1,
                             process_index=0, process_count=1, seed=0, resolution=args.resolution,
-                            center_crop=False, random_flip=True, num_workers=workers)
+                            center_crop=True, random_flip=True, num_workers=workers,
+                            cache=cache if cached else None)
             with ThreadPoolExecutor(workers) as pool:
                 loader.step_batch(pool, 0)  # warm caches
                 t0 = time.perf_counter()
@@ -71,7 +95,7 @@ def main():
                 elapsed = time.perf_counter() - t0
             rate = steps * args.batch / elapsed
             results["runs"].append({
-                "threads": workers, "images_per_s": round(rate, 1),
+                "source": "latent cache" if cached else "JPEG", "threads": workers, "images_per_s": round(rate, 1),
                 "images_per_s_per_thread": round(rate / workers, 1),
                 "host_cores_for_128_images_per_s": round(TARGET_IMAGES_PER_S / (rate / workers), 1)})
     print(json.dumps(results, indent=2))

@@ -3,10 +3,14 @@
     python bench/train_step.py --model tiny --resolution 64 --batch 1
     python bench/train_step.py --model sd15 --resolution 512 --batch 1 --compile_only
     python bench/train_step.py --model tiny --resolution 256 --batch 2 --torch
+    python bench/train_step.py --model sd15 --unet_scale 0.5 --resolution 256 --cached --torch
 
 Reports compile time, step time, images/s, the FLOPs XLA counts per image and the memory of the
 compiled program. The step is the trainer's own: VAE encode, text encoder, UNet forward and
-backward, clipping, AdamW, EMA. Results go to BENCHMARKS.md with the command and machine.
+backward, clipping, AdamW, EMA. With --cached it is the step that trains from the latent cache
+(latent moments and text embeddings come in; no VAE, no text encoder). --unet_scale shrinks the
+UNet's channels (a mid-size model with the full-size VAE and text encoder). Results go to
+BENCHMARKS.md with the command and machine.
 """
 
 from __future__ import annotations
@@ -41,9 +45,32 @@ def parse():
     p.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--attention", default="xla")
+    p.add_argument("--cached", action="store_true",
+                   help="the step from the latent cache (no VAE encode, no text encoder)")
+    p.add_argument("--unet_scale", type=float, default=1.0,
+                   help="multiply the UNet's block channels (e.g. 0.5 for a mid-size model)")
     p.add_argument("--compile_only", action="store_true", help="no steps: compile and analyse")
     p.add_argument("--torch", action="store_true", help="also time diffusers PyTorch's step")
     return p.parse_args()
+
+
+def model_folder(args, tmp):
+    """The shipped config, with its UNet's channels scaled by --unet_scale."""
+    from sdjax.pipeline import SHIPPED_CONFIGS
+
+    source = os.path.join(SHIPPED_CONFIGS, args.model)
+    if args.unet_scale == 1.0 or not os.path.isdir(source):
+        return args.model
+    import shutil
+
+    folder = shutil.copytree(source, os.path.join(tmp, "model"))
+    path = os.path.join(folder, "unet", "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["block_out_channels"] = [int(c * args.unet_scale) for c in config["block_out_channels"]]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return folder
 
 
 def sdjax_step(args):
@@ -60,6 +87,14 @@ def sdjax_step(args):
     batch = {"pixel_values": jax.ShapeDtypeStruct((k, n, 3, args.resolution, args.resolution), jnp.float32),
              "input_ids": jax.ShapeDtypeStruct((k, n, 77), jnp.int32)}
     frozen_shapes = {c: sd.params[c] for c in ("vae", "text_encoder")}
+    if args.cached:
+        side = args.resolution // 8
+        channels = sd.configs["vae"].get("latent_channels", 4)
+        width = sd.configs["text_encoder"]["hidden_size"]
+        latent = jax.ShapeDtypeStruct((k, n, channels, side, side), dtype)
+        batch = {"latent_mean": latent, "latent_std": latent,
+                 "text_embeddings": jax.ShapeDtypeStruct((k, n, 77, width), dtype)}
+        frozen_shapes = {}
     if args.compile_only:
         state = jax.eval_shape(lambda p: init_state(p, tx, True), sd.params["unet"])
         frozen = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), frozen_shapes)
@@ -86,8 +121,11 @@ def sdjax_step(args):
     if args.compile_only:
         return result
     rng = np.random.default_rng(0)
-    data = {"pixel_values": jnp.asarray(rng.uniform(-1, 1, batch["pixel_values"].shape), jnp.float32),
-            "input_ids": jnp.asarray(rng.integers(0, 400, batch["input_ids"].shape), jnp.int32)}
+    if args.cached:
+        data = {name: jnp.asarray(rng.uniform(0.1, 1, s.shape), s.dtype) for name, s in batch.items()}
+    else:
+        data = {"pixel_values": jnp.asarray(rng.uniform(-1, 1, batch["pixel_values"].shape), jnp.float32),
+                "input_ids": jnp.asarray(rng.integers(0, 400, batch["input_ids"].shape), jnp.int32)}
     state, metrics = compiled(state, frozen, data, key)  # warm-up
     jax.block_until_ready(metrics)
     t0 = time.perf_counter()
@@ -115,13 +153,20 @@ def torch_step(args, folder):
     n = args.batch
     pixels = torch.rand(n, 3, args.resolution, args.resolution) * 2 - 1
     ids = torch.randint(0, 400, (n, 77))
+    if args.cached:  # what a latent cache hands the step: latents and text embeddings
+        with torch.no_grad():
+            cached_latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            cached_context = text(ids)[0]
     alphas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
     alphas = torch.cumprod(1 - alphas, 0)
 
     def one():
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-            context = text(ids)[0]
+        if args.cached:
+            latents, context = cached_latents, cached_context
+        else:
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+                context = text(ids)[0]
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (n,))
         a = alphas[t].view(-1, 1, 1, 1)
@@ -146,6 +191,15 @@ def main():
     info = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args.model = model_folder(args, tmp)
+        run(args, info)
+    print(json.dumps(info, indent=2))
+
+
+def run(args, info):
     info["sdjax"] = sdjax_step(args)
     if args.torch:
         if jax.device_count() != 1:
@@ -158,7 +212,6 @@ def main():
             info["diffusers_torch"] = torch_step(args, tmp)
         info["speed_ratio_sdjax_over_torch"] = round(
             info["diffusers_torch"]["step_s"] / info["sdjax"]["step_s"], 2)
-    print(json.dumps(info, indent=2))
 
 
 if __name__ == "__main__":
