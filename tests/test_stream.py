@@ -80,3 +80,11 @@ def test_training_from_a_stream(tmp_path, capsys):
     assert "--streaming needs --max_train_steps" in capsys.readouterr().err
     assert main(args + ["--enable_bucket"]) == 2
     assert "--enable_bucket needs random access" in capsys.readouterr().err
+
+
+def test_stream_column_errors():
+    with pytest.raises(ConfigError, match="--caption_column 'caption' is not a column of .* its "
+                                          "columns are image, text"):
+        open_stream(DEMO_DATA, None, None, "image", "caption")
+    with pytest.raises(ConfigError, match="cannot stream the data set /no/such/set"):
+        open_stream("/no/such/set", None, None, "image", "text")
