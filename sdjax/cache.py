@@ -172,10 +172,7 @@ def build(directory, key, cfg, sd, images, loader, buckets, mesh, is_main: bool)
                     np.asarray(sources, np.int64))
 
         def read_captions(chunk):
-            local = [captions[i] for i in lc.host_rows(chunk, host, hosts)]
-            return sd.tokenizer(local, padding="max_length", truncation=True,
-                                max_length=sd.tokenizer.model_max_length,
-                                return_tensors="np").input_ids.astype(np.int32)
+            return loader.tokenize([captions[i] for i in lc.host_rows(chunk, host, hosts)])
 
         writer = _ShardWriter(os.path.join(directory, lc.text_file(host)), len(caption_chunks))
         _run_job(caption_chunks, read_captions, encode_text, mesh, writer.write, bar)

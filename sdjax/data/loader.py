@@ -203,9 +203,12 @@ class Loader:
         if self.cache is not None:
             return {"latent_mean": data[:, 0], "latent_std": data[:, 1],
                     "text_embeddings": self.cache.embeddings(captions)}
-        ids = self.tokenizer(captions, padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="np").input_ids
-        return {"pixel_values": data, "input_ids": ids.astype(np.int32)}
+        return {"pixel_values": data, "input_ids": self.tokenize(captions)}
+
+    def tokenize(self, captions: list) -> np.ndarray:
+        return self.tokenizer(captions, padding="max_length", truncation=True,
+                              max_length=self.tokenizer.model_max_length,
+                              return_tensors="np").input_ids.astype(np.int32)
 
     def step_batch(self, pool, step: int) -> dict:
         """This host's rows of step `step`: pixels and token ids, or cached latent moments and

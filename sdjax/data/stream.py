@@ -152,9 +152,8 @@ class StreamLoader(Loader):
             raise ConfigError(f"a whole micro-batch of {self.where} is unreadable")
         # An unreadable record is stood in for by a readable sample of the same micro-batch.
         samples = [s if s[0] is not None else good[i % len(good)] for i, s in enumerate(samples)]
-        ids = self.tokenizer([c for _, c in samples], padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="np").input_ids
-        return {"pixel_values": np.stack([p for p, _ in samples]), "input_ids": ids.astype(np.int32)}
+        return {"pixel_values": np.stack([p for p, _ in samples]),
+                "input_ids": self.tokenize([c for _, c in samples])}
 
     def step_batch(self, pool, step: int) -> dict:
         parts = [self._stream_micro_batch(pool, step * self.k + j) for j in range(self.k)]
