@@ -97,3 +97,9 @@ def replicate(tree, mesh: Mesh):
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree_util.tree_map(put, tree)
+
+
+def shard_batch(array, mesh: Mesh) -> jax.Array:
+    """Splits a host array that every host holds whole (prompts, seeds) over the devices by rows."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, batch_sharded(mesh), lambda index: array[index])

@@ -2,6 +2,7 @@
 
     sd = StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
     noise_pred = sd.unet.apply({"params": sd.params["unet"]}, latents, t, text_embeddings)
+    images = sd("a photo of an astronaut riding a horse", num_inference_steps=30)  # PIL images
     sd.save_pretrained("out")  # a diffusers PyTorch pipeline folder
 
 `from_config` builds the same object with random weights from a config folder (the shipped
@@ -98,6 +99,8 @@ class StableDiffusion:
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config or {})
         self.source = source
+        self._sampler = None
+        self._placed = (None, None)
 
     # --- construction -----------------------------------------------------------------------
 
@@ -184,6 +187,57 @@ class StableDiffusion:
                                  if init_params else shapes)
         tokenizer = cls._read_tokenizer(folder, required=False)
         return cls(modules, params, configs, tokenizer, scheduler_config, source=folder)
+
+    # --- sampling ----------------------------------------------------------------------------
+
+    def sampler(self):
+        """The `Sampler` over these models (one per pipeline; it keeps the compiled programs)."""
+        if self._sampler is None:
+            from sdjax.sampling.sampler import Sampler
+
+            modules = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+            self._sampler = Sampler(modules, self.configs, self.scheduler_config, self.tokenizer)
+        return self._sampler
+
+    def _device_params(self):
+        """`self.params` replicated on the devices, placed once while the trees stay the same
+        objects (assign a new tree, e.g. `sd.params["unet"] = new`, to sample other weights)."""
+        identity = tuple(id(self.params[c]) for c in MODEL_COMPONENTS)
+        if self._placed[0] != identity:
+            self._placed = (None, None)  # let the old copy go before placing the new one
+            self._placed = (identity, self.sampler().place(
+                {c: self.params[c] for c in MODEL_COMPONENTS}))
+        return self._placed[1]
+
+    def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, height: Optional[int] = None,
+                 width: Optional[int] = None, num_images_per_prompt: int = 1, seed: int = 0,
+                 scheduler: Optional[str] = None, latents=None, output_type: str = "pil"):
+        """Text to image, as diffusers' StableDiffusionPipeline with the same argument names.
+
+        `scheduler` is a name (ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras; default:
+        the one `scheduler_config` names), set up from `self.scheduler_config` (edit it to
+        change e.g. timestep_spacing). `seed` replaces diffusers' generator: image j of the call
+        uses fold_in(key(seed), j). `latents` (N, C, H/8, W/8) sets the initial noise.
+        -> a list of PIL images; `output_type="np"`: (N, H, W, 3) floats in [0, 1];
+        `"latent"`: the final latents (N, C, H/8, W/8)."""
+        if output_type not in ("pil", "np", "latent"):
+            raise SdjaxError(f"output_type={output_type!r}: choose pil, np or latent")
+        leaves = jax.tree_util.tree_leaves(self.params["unet"])
+        if leaves and isinstance(leaves[0], jax.ShapeDtypeStruct):
+            raise SdjaxError("these parameters are shapes only (from_config(init_params=False)); "
+                             "nothing to sample with")
+        out = self.sampler().sample(
+            self._device_params(), prompt, negative_prompt, num_inference_steps, guidance_scale,
+            height, width, num_images_per_prompt, seed, scheduler, latents,
+            decode=output_type != "latent")
+        if output_type == "latent":
+            return out.latents
+        if output_type == "np":
+            return out.images
+        from sdjax.sampling.images import to_pil
+
+        return to_pil(out.images)
 
     # --- export -----------------------------------------------------------------------------
 

@@ -83,6 +83,13 @@ def choose_caption(caption, rng: np.random.Generator, dropout: float) -> str:
     return caption
 
 
+def tokenize(tokenizer, texts: list) -> np.ndarray:
+    """Token ids (len(texts), model_max_length) int32: padded, and truncated like diffusers."""
+    return tokenizer(texts, padding="max_length", truncation=True,
+                     max_length=tokenizer.model_max_length,
+                     return_tensors="np").input_ids.astype(np.int32)
+
+
 class Loader:
     """Yields this host's part of each optimizer step's batch: arrays shaped (k, rows, ...).
 
@@ -206,9 +213,7 @@ class Loader:
         return {"pixel_values": data, "input_ids": self.tokenize(captions)}
 
     def tokenize(self, captions: list) -> np.ndarray:
-        return self.tokenizer(captions, padding="max_length", truncation=True,
-                              max_length=self.tokenizer.model_max_length,
-                              return_tensors="np").input_ids.astype(np.int32)
+        return tokenize(self.tokenizer, captions)
 
     def step_batch(self, pool, step: int) -> dict:
         """This host's rows of step `step`: pixels and token ids, or cached latent moments and
