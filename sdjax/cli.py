@@ -1,8 +1,10 @@
-"""Command line of train_flax.py: `train` (the default), `cache`, `export`.
+"""Command line of train_flax.py: `train` (the default), `cache`, `export`, `generate`, `compare`.
 
     python train_flax.py [train] --pretrained_model_name_or_path ... --train_data_dir ...
     python train_flax.py cache <the same flags>    (encode the data set into the latent cache)
     python train_flax.py export --checkpoint OUT/checkpoints/checkpoint_N --output DIR
+    python train_flax.py generate --model DIR_OR_ID [--checkpoint ...] --prompt ... --output_dir DIR
+    python train_flax.py compare --output_dir OUT --prompts P1 P2 ... [--steps all|N,M]
 
 Errors a user can fix are printed as one line (no traceback) with exit status 2.
 """
@@ -15,13 +17,20 @@ import sys
 
 from sdjax.errors import SdjaxError
 
-COMMANDS = ("train", "cache", "export")
+COMMANDS = ("train", "cache", "export", "generate", "compare")
 
 
 def _quiet_libraries() -> None:
     # transformers announces at import that torch is missing; sdjax only uses its tokenizer.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _quiet_orbax() -> None:
+    # Reading checkpoints read-only makes Orbax log notices about its own options.
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -39,16 +48,77 @@ def export_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sampling_flags(parser: argparse.ArgumentParser) -> None:
+    from sdjax.sampling.schedulers import SCHEDULERS
+
+    parser.add_argument("--negative_prompt", nargs="+", metavar="TEXT",
+                        help="one negative prompt for all prompts, or one per prompt")
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=7.5,
+                        help="classifier-free guidance scale (1 or less: no guidance)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="image i of prompt p draws its noise from (seed, p, i) alone")
+    parser.add_argument("--scheduler", choices=SCHEDULERS,
+                        help="sampler (default: the one the model's scheduler config names)")
+    parser.add_argument("--height", type=int, help="default: the model's native size")
+    parser.add_argument("--width", type=int, help="default: the model's native size")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of the models")
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
+                     help="a checkpoint's EMA weights (the default when the run kept EMA)")
+    ema.add_argument("--no_ema", dest="ema", action="store_false",
+                     help="a checkpoint's raw weights")
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_flax.py generate", allow_abbrev=False,
+        description="Text to image with JAX: one PNG per image and a grid (a row per prompt).")
+    parser.add_argument("--model", help="a diffusers folder or hub id (default with --checkpoint: "
+                                        "the run's base model)")
+    parser.add_argument("--checkpoint", help="sample with the UNet of OUTPUT_DIR/checkpoints/checkpoint_N")
+    parser.add_argument("--prompt", nargs="+", required=True, metavar="TEXT")
+    parser.add_argument("--num_images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--output_dir", required=True, help="folder for the images")
+    _sampling_flags(parser)
+    return parser
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_flax.py compare", allow_abbrev=False,
+        description="The same prompts and seeds sampled from each checkpoint of a training run, "
+                    "in one labelled grid (rows prompts, columns checkpoints).")
+    parser.add_argument("--output_dir", required=True, help="the training run's --output_dir")
+    parser.add_argument("--prompts", nargs="+", required=True, metavar="TEXT")
+    parser.add_argument("--steps", default="all",
+                        help="all (every checkpoint and the final pipeline) or e.g. 1000,5000")
+    parser.add_argument("--output", help="the grid's path (default OUTPUT_DIR/compare.png)")
+    _sampling_flags(parser)
+    parser.set_defaults(num_inference_steps=30)
+    return parser
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     _quiet_libraries()
+    if command in ("export", "generate", "compare"):
+        _quiet_orbax()
     try:
         if command == "export":
             from sdjax.train.export import export_checkpoint
 
             args = export_parser().parse_args(argv)
             export_checkpoint(args.checkpoint, args.output, ema=args.ema, dtype=args.dtype)
+        elif command in ("generate", "compare"):
+            from sdjax.sampling import commands
+
+            if command == "generate":
+                commands.generate(generate_parser().parse_args(argv))
+            else:
+                commands.compare(compare_parser().parse_args(argv))
         elif command == "cache":
             from sdjax.config import parse_train_args
             from sdjax.train.loop import build_cache

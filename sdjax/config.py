@@ -87,6 +87,15 @@ class TrainConfig:
     checkpoints_total_limit: Optional[int] = None
     resume_from_checkpoint: Optional[str] = None
     seed: Optional[int] = None
+    # Validation images
+    validation_prompts: Optional[list] = None
+    validation_prompt: Optional[str] = None
+    validation_steps: Optional[int] = None
+    validation_epochs: Optional[int] = None
+    num_validation_images: int = 4
+    validation_num_inference_steps: int = 30
+    validation_guidance_scale: float = 7.5
+    validation_scheduler: Optional[str] = None
     # JAX specifics
     attention_implementation: Optional[str] = "xla"
     remat_policy: str = "nothing_saveable"
@@ -104,6 +113,13 @@ class TrainConfig:
     @property
     def run_seed(self) -> int:
         return 0 if self.seed is None else self.seed
+
+    @property
+    def all_validation_prompts(self) -> list:
+        """--validation_prompts (train_text_to_image.py) and --validation_prompt (the LoRA and
+        DreamBooth scripts) together."""
+        return list(self.validation_prompts or []) + (
+            [self.validation_prompt] if self.validation_prompt else [])
 
     def validate(self) -> "TrainConfig":
         problems = []
@@ -166,9 +182,38 @@ class TrainConfig:
             problems.append(f"--latent_cache_dir {self.latent_cache_dir} exists and is not a directory")
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             problems.append(f"--output_dir {self.output_dir} exists and is not a directory")
+        problems += self._validation_problems()
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
+    def _validation_problems(self) -> list:
+        problems = []
+        prompts = self.all_validation_prompts
+        if not prompts:
+            for flag in ("validation_steps", "validation_epochs"):
+                if getattr(self, flag) is not None:
+                    problems.append(f"--{flag} needs prompts: add --validation_prompts P1 P2 ...")
+            return problems
+        if any(not isinstance(p, str) or not p.strip() for p in prompts):
+            problems.append("--validation_prompts holds an empty prompt")
+        if self.validation_steps is not None and self.validation_epochs is not None:
+            problems.append("give --validation_steps or --validation_epochs, not both")
+        for flag in ("validation_steps", "validation_epochs", "num_validation_images",
+                     "validation_num_inference_steps"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                problems.append(f"--{flag} must be at least 1")
+        if self.validation_epochs is not None and self.streaming:
+            problems.append("--validation_epochs needs the epoch length, which a stream does not "
+                            "have: use --validation_steps")
+        if self.validation_scheduler is not None:
+            from sdjax.sampling.schedulers import SCHEDULERS
+
+            if self.validation_scheduler not in SCHEDULERS:
+                problems.append(f"--validation_scheduler={self.validation_scheduler!r}: choose one "
+                                f"of {', '.join(SCHEDULERS)}")
+        return problems
 
 
 def _is_checkpoint_ref(ref: str) -> bool:
@@ -188,20 +233,16 @@ NOOP_FLAGS = {
     "tracker_project_name": "used by wandb only",
     "push_to_hub": "not supported yet: upload output_dir with `huggingface-cli upload`",
     "hub_token": "not supported yet", "hub_model_id": "not supported yet",
-    "validation_epochs": "validation images are not implemented yet",
-    "validation_prompts": "validation images are not implemented yet",
-    "validation_prompt": "validation images are not implemented yet",
     "dream_training": None, "dream_detail_preservation": None,
 }
 # Of those, the ones taking a value (the rest are store_true switches).
 _NOOP_WITH_VALUE = {"non_ema_revision", "local_rank", "tracker_project_name", "hub_token",
-                    "hub_model_id", "validation_epochs", "dream_detail_preservation"}
-_NOOP_MULTI = {"validation_prompts", "validation_prompt"}
+                    "hub_model_id", "dream_detail_preservation"}
 
 
 def _field_type(field: dataclasses.Field):
     t = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-    for name, py in (("bool", bool), ("int", int), ("float", float)):
+    for name, py in (("list", list), ("bool", bool), ("int", int), ("float", float)):
         if re.search(rf"\b{name}\b", t):
             return py
     return str
@@ -227,12 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             # `--use_ema` as in diffusers; `--use_ema=false` to switch off what a file set.
             parser.add_argument(flag, nargs="?", const=True, type=_bool, metavar="BOOL")
+        elif kind is list:
+            parser.add_argument(flag, nargs="+", metavar=field.name.upper())
         else:
             parser.add_argument(flag, type=kind, metavar=field.name.upper())
     for name in NOOP_FLAGS:
-        if name in _NOOP_MULTI:
-            parser.add_argument(f"--{name}", nargs="*", help=argparse.SUPPRESS)
-        elif name in _NOOP_WITH_VALUE:
+        if name in _NOOP_WITH_VALUE:
             parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
         else:
             parser.add_argument(f"--{name}", nargs="?", const=True, help=argparse.SUPPRESS)
@@ -312,6 +353,8 @@ def _check_types(config: TrainConfig) -> None:
                     raise ValueError
             elif kind is str:
                 value = str(value)
+            elif kind is list:
+                value = [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         except (ValueError, TypeError, argparse.ArgumentTypeError):
             raise ConfigError(f"{field.name}: expected {kind.__name__}, got {value!r}") from None
         setattr(config, field.name, value)

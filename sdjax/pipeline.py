@@ -217,8 +217,8 @@ class StableDiffusion:
 
         `scheduler` is a name (ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras; default:
         the one `scheduler_config` names), set up from `self.scheduler_config` (edit it to
-        change e.g. timestep_spacing). `seed` replaces diffusers' generator: image j of the call
-        uses fold_in(key(seed), j). `latents` (N, C, H/8, W/8) sets the initial noise.
+        change e.g. timestep_spacing). `seed` replaces diffusers' generator: image i of prompt
+        p draws its noise from fold_in(fold_in(key(seed), p), i). `latents` (N, C, H/8, W/8) sets the initial noise.
         -> a list of PIL images; `output_type="np"`: (N, H, W, 3) floats in [0, 1];
         `"latent"`: the final latents (N, C, H/8, W/8)."""
         if output_type not in ("pil", "np", "latent"):

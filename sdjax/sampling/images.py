@@ -43,28 +43,23 @@ def _wrap(draw, text: str, font, width: int) -> str:
 
 
 def labelled_grid(cells: Sequence[Sequence[Image.Image]], row_labels: Sequence[str],
-                  column_labels: Sequence[str], label_width: Optional[int] = None,
-                  header_height: int = 28) -> Image.Image:
+                  column_labels: Sequence[str]) -> Image.Image:
     """cells[r][c] in a table with the row labels (prompts) on the left and the column labels
-    (checkpoints) on top. Each cell keeps its pixels exactly."""
+    (checkpoints) on top. Cells keep their pixels exactly; a column is widened (the cell
+    centred) when its label is wider than the images."""
     w, h = cells[0][0].size
-    label_width = label_width or max(160, w)
-    sheet = Image.new("RGB", (label_width + len(column_labels) * w, header_height + len(row_labels) * h),
-                      "white")
-    draw, font = ImageDraw.Draw(sheet), _font()
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), _font()
+    label_width = max(160, w)
+    row_texts = [_wrap(draw, label, font, label_width - 8) for label in row_labels]
+    widths = [max(w, int(draw.textlength(label, font=font)) + 12) for label in column_labels]
+    header = 28
+    sheet = Image.new("RGB", (label_width + sum(widths), header + len(row_labels) * h), "white")
+    draw = ImageDraw.Draw(sheet)
+    left = [label_width + sum(widths[:c]) for c in range(len(widths))]
     for c, label in enumerate(column_labels):
-        draw.text((label_width + c * w + 4, 6), label, fill="black", font=font)
-    for r, label in enumerate(row_labels):
-        draw.multiline_text((4, header_height + r * h + 4), _wrap(draw, label, font, label_width - 8),
-                            fill="black", font=font)
-        for c, cell in enumerate(cells[r]):
-            sheet.paste(cell, (label_width + c * w, header_height + r * h))
+        draw.text((left[c] + 6, 6), label, fill="black", font=font)
+    for r, text in enumerate(row_texts):
+        draw.multiline_text((4, header + r * h + 4), text, fill="black", font=font)
+        for c, image in enumerate(cells[r]):
+            sheet.paste(image, (left[c] + (widths[c] - w) // 2, header + r * h))
     return sheet
-
-
-def cell(sheet: Image.Image, row: int, column: int, size: tuple, label_width: int,
-         header_height: int = 28) -> Image.Image:
-    """The image at (row, column) of a `labelled_grid` sheet."""
-    w, h = size
-    x, y = label_width + column * w, header_height + row * h
-    return sheet.crop((x, y, x + w, y + h))

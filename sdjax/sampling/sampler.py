@@ -2,9 +2,10 @@
 
 The whole loop is one XLA program (a `lax.fori_loop` over the scheduler's steps), compiled once
 per scheduler, step count, image size and batch size, with the batch split over every device of
-every host. Image `j` of a call (prompt-major: prompt 0's images first) draws its noise from
-`fold_in(key(seed), j)` alone, so an image does not depend on the batch it was made in, the
-number of devices, or the other prompts: validation grids stay comparable across steps and runs.
+every host. Image `i` of prompt `p` draws all its noise from `fold_in(fold_in(key(seed), p), i)`
+alone, so it does not depend on the batch it was made in, the number of devices, or how many
+images the call makes: validation grids stay comparable across steps and runs, and `compare`
+shows the same images as validation did.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from sdjax.sampling.schedulers import default_scheduler_name, make_scheduler
 log = logging.getLogger("sdjax")
 
 
-def image_keys(seed, image_ids):
-    """The random key of each image: fold_in(key(seed), image index)."""
+def image_keys(seed, prompt_index, image_index):
+    """The random key of each image: fold_in(fold_in(key(seed), prompt index), image index)."""
     base = jax.random.key(seed)
-    return jax.vmap(lambda j: jax.random.fold_in(base, j))(image_ids)
+    return jax.vmap(lambda p, i: jax.random.fold_in(jax.random.fold_in(base, p), i))(
+        prompt_index, image_index)
 
 
 def initial_noise(keys, shape):
@@ -75,7 +77,7 @@ class Sampler:
         """The model's native image side: the UNet's sample_size times the VAE's downsampling."""
         return int(self.configs["unet"].get("sample_size", 64)) * self.vae_factor
 
-    def _size(self, value, what: str) -> int:
+    def check_size(self, value, what: str) -> int:
         value = self.default_size() if value is None else value
         if not isinstance(value, (int, np.integer)) or value <= 0 or value % self.vae_factor:
             raise ConfigError(f"{what}={value!r} must be a positive multiple of {self.vae_factor} "
@@ -105,7 +107,7 @@ class Sampler:
         start = time.perf_counter()
         prompts = prompt_text.prompt_list(prompt)
         negatives = prompt_text.negative_list(negative_prompt, len(prompts))
-        height, width = self._size(height, "height"), self._size(width, "width")
+        height, width = self.check_size(height, "height"), self.check_size(width, "width")
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
             raise ConfigError(f"num_images_per_prompt={num_images_per_prompt!r} must be at least 1")
         name = scheduler or default_scheduler_name(self.scheduler_config)
@@ -132,7 +134,8 @@ class Sampler:
         pad = [count - 1] * (padded - count)
         rows = np.array(list(range(count)) + pad)
         inputs = dict(ids=ids[rows], negative_ids=negative_ids[rows],
-                      image_ids=np.arange(padded, dtype=np.int32),
+                      prompt_index=np.array(per_image + [per_image[-1]] * len(pad), np.int32),
+                      image_index=np.arange(padded, dtype=np.int32) % num_images_per_prompt,
                       init=(latents[rows] if latents is not None else np.zeros((padded, 1), np.float32)))
         inputs = {k: shard_batch(v, self.mesh) for k, v in inputs.items()}
 
@@ -158,7 +161,7 @@ class Sampler:
                                             inputs["negative_ids"])
                 context = jnp.stack([uncond, context], axis=1).reshape(
                     (-1,) + context.shape[1:])
-            keys = image_keys(seed, inputs["image_ids"])
+            keys = image_keys(seed, inputs["prompt_index"], inputs["image_index"])
             x = inputs["init"] if given_latents else initial_noise(keys, latent_shape)
             x = x.astype(jnp.float32) * sched.init_noise_sigma
 

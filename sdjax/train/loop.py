@@ -40,13 +40,13 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def load_base_model(name: str, seed: int, revision=None, variant=None):
+def load_base_model(name: str, seed: int, revision=None, variant=None, dtype=None):
     """A diffusers folder or hub id, or a shipped config name (random weights from `seed`)."""
     from sdjax.pipeline import SHIPPED_CONFIGS, StableDiffusion
 
     if not os.path.exists(name) and os.path.isdir(os.path.join(SHIPPED_CONFIGS, name)):
-        return StableDiffusion.from_config(name, seed=seed)
-    return StableDiffusion.from_pretrained(name, revision=revision, variant=variant)
+        return StableDiffusion.from_config(name, seed=seed, dtype=dtype)
+    return StableDiffusion.from_pretrained(name, revision=revision, variant=variant, dtype=dtype)
 
 
 def host_copy(tree):
@@ -242,11 +242,22 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
               f"prediction {schedule.prediction_type}")
 
     writer = MetricsWriter(cfg, is_main)
+    validation = None
+    if cfg.all_validation_prompts:
+        from sdjax.train.validation import Validation
+
+        # From the cache the step has no VAE or text encoder on the devices; sampling needs both.
+        sampling_frozen = frozen or replicate(
+            {c: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), sd.params[c])
+             for c in ("vae", "text_encoder")}, mesh)
+        validation = Validation(cfg, sd, models, sampling_frozen, mesh, writer, is_main,
+                                loader.steps_per_epoch)
     preemption = _Preemption()
     saved_steps = set(manager.all_steps())
     try:
         state = _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, writer,
-                           preemption, start_step, max_steps, global_rows * k, is_main, saved_steps)
+                           preemption, start_step, max_steps, global_rows * k, is_main, saved_steps,
+                           validation)
     finally:
         manager.wait_until_finished()
         writer.close()
@@ -286,7 +297,7 @@ def _warn_on_changed_data(meta, global_rows, k, seed, is_main):
 
 
 def _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, writer, preemption,
-               start_step, max_steps, images_per_step, is_main, saved_steps):
+               start_step, max_steps, images_per_step, is_main, saved_steps, validation=None):
     from tqdm.auto import tqdm
 
     if start_step >= max_steps:
@@ -340,6 +351,9 @@ def _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, wr
                     print(f"stopped by SIGTERM at step {done}: checkpoint saved; continue with "
                           "--resume_from_checkpoint latest")
                 return None
+            if validation is not None and validation.due(done, max_steps):
+                validation.run(done, state)
+                window_start, window_steps = time.perf_counter(), 0
     finally:
         bar.close()
         batches.close()
