@@ -136,8 +136,8 @@ def torch_sampling(args, folder, prompts, latents):
     runs = [call() for _ in range(args.repeats)]
     steady_s = statistics.median(seconds for seconds, _ in runs)
     return {"steady_s": round(steady_s, 4), "images_per_s": round(len(prompts) / steady_s, 3),
-            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "threads": torch.get_num_threads()}, runs[-1][1]
+            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "threads": torch.get_num_threads()}, runs[-1][1]
 
 
 def run(args, info):

@@ -202,11 +202,11 @@ class StableDiffusion:
     def _device_params(self):
         """`self.params` replicated on the devices, placed once while the trees stay the same
         objects (assign a new tree, e.g. `sd.params["unet"] = new`, to sample other weights)."""
-        identity = tuple(id(self.params[c]) for c in MODEL_COMPONENTS)
-        if self._placed[0] != identity:
+        sources = tuple(self.params[c] for c in MODEL_COMPONENTS)
+        placed_from = self._placed[0]
+        if placed_from is None or any(a is not b for a, b in zip(placed_from, sources)):
             self._placed = (None, None)  # let the old copy go before placing the new one
-            self._placed = (identity, self.sampler().place(
-                {c: self.params[c] for c in MODEL_COMPONENTS}))
+            self._placed = (sources, self.sampler().place(dict(zip(MODEL_COMPONENTS, sources))))
         return self._placed[1]
 
     def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 50,
@@ -218,7 +218,8 @@ class StableDiffusion:
         `scheduler` is a name (ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras; default:
         the one `scheduler_config` names), set up from `self.scheduler_config` (edit it to
         change e.g. timestep_spacing). `seed` replaces diffusers' generator: image i of prompt
-        p draws its noise from fold_in(fold_in(key(seed), p), i). `latents` (N, C, H/8, W/8) sets the initial noise.
+        p draws its noise from fold_in(fold_in(key(seed), p), i). `latents` (N, C, H/8, W/8)
+        sets the initial noise.
         -> a list of PIL images; `output_type="np"`: (N, H, W, 3) floats in [0, 1];
         `"latent"`: the final latents (N, C, H/8, W/8)."""
         if output_type not in ("pil", "np", "latent"):

@@ -52,6 +52,21 @@ def test_unet_matches_diffusers(pair):
     assert _max_diff(ours, ref) <= TOL
 
 
+@pytest.mark.parametrize("pair", ["sd1"], indirect=True)
+def test_unet_sides_not_a_multiple_of_its_downsampling(pair):
+    """Latents 10x7 through a UNet that halves twice (an image size that is a multiple of 8 but
+    not of 32): upsampling goes to each skip's size, as diffusers' forward_upsample_size."""
+    sd, pipe = pair
+    rng = np.random.default_rng(2)
+    sample = rng.standard_normal((1, 4, 10, 7)).astype(np.float32)
+    context = rng.standard_normal((1, 5, 32)).astype(np.float32)
+    ours = sd.unet.apply({"params": sd.params["unet"]}, sample, np.array([500.0]), context)
+    with torch.no_grad():
+        ref = pipe.unet(torch.from_numpy(sample), torch.tensor([500.0]),
+                        torch.from_numpy(context)).sample.numpy()
+    assert _max_diff(ours, ref) <= TOL
+
+
 @pytest.mark.parametrize("pair", STYLES, indirect=True)
 def test_unet_scalar_timestep_broadcasts(pair):
     sd, pipe = pair

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdjax.errors import ConfigError
 
@@ -79,13 +80,28 @@ class Downsample2D(nn.Module):
         return conv(self.channels, 3, self.dtype, "conv", stride=2, padding=pad)(x)
 
 
+def nearest_resize(x, size: tuple):
+    """NHWC nearest-neighbour resize with PyTorch's `interpolate(mode="nearest")` indexing:
+    output i reads input floor(i * in / out)."""
+    for axis, out in zip((1, 2), size):
+        n = x.shape[axis]
+        if out == 2 * n:
+            x = jnp.repeat(x, 2, axis=axis)
+        elif out != n:
+            index = np.minimum(np.floor(np.arange(out, dtype=np.float32)
+                                        * np.float32(n / out)).astype(np.int32), n - 1)
+            x = jnp.take(x, index, axis=axis)
+    return x
+
+
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+    """Nearest-neighbour upsampling (2x, or to `size`: the skip connection's size when the input
+    side was not a multiple of the UNet's downsampling) followed by a 3x3 conv."""
 
     channels: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x, size: Optional[tuple] = None):
+        x = nearest_resize(x, size or (2 * x.shape[1], 2 * x.shape[2]))
         return conv(self.channels, 3, self.dtype, "conv")(x)

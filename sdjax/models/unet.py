@@ -113,14 +113,14 @@ class UpBlock(_UNetPart):
     add_upsample: bool = True
 
     @nn.compact
-    def __call__(self, x, skips, temb, context):
+    def __call__(self, x, skips, temb, context, upsample_size=None):
         for j in range(self.config.layers_per_block + 1):
             x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
             x = self.resnet(self.out_channels, f"resnets_{j}")(x, temb)
             if self.heads is not None:
                 x = self.transformer(self.out_channels, self.heads, f"attentions_{j}")(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
+            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
         return x
 
 
@@ -161,10 +161,12 @@ class UNet2DConditionModel(_UNetPart):
         per_up_block = cfg.layers_per_block + 1
         for i, block_type in enumerate(cfg.up_block_types):
             block_skips, skips = skips[-per_up_block:], skips[:-per_up_block]
+            # Upsample to the next skip's size: 2x, except after an odd side was downsampled.
+            size = tuple(skips[-1].shape[1:3]) if skips else None
             x = UpBlock(
                 **self.settings(), out_channels=channels[last - i],
                 heads=heads[last - i] if block_type == "CrossAttnUpBlock2D" else None,
-                add_upsample=i < last, name=f"up_blocks_{i}")(x, block_skips, temb, context)
+                add_upsample=i < last, name=f"up_blocks_{i}")(x, block_skips, temb, context, size)
 
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, self.dtype, "conv_norm_out")(x))
         x = conv(cfg.out_channels, 3, self.dtype, "conv_out")(x)

@@ -44,7 +44,7 @@ def encode(tokenizer, prompts: list) -> np.ndarray:
     """Token ids, truncated to the tokenizer's length with a warning naming each cut prompt."""
     limit = tokenizer.model_max_length
     for prompt in dict.fromkeys(prompts):
-        ids = tokenizer(prompt, truncation=False).input_ids
+        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
         if len(ids) > limit:
             dropped = tokenizer.decode(ids[limit - 1:-1])
             log.warning("prompt %r is %d tokens long; CLIP reads %d, so this end of it is "

@@ -75,7 +75,10 @@ def default_scheduler_name(config: Mapping) -> str:
 def _settings(name: str, config: Mapping, prediction_type: Optional[str]) -> dict:
     base = "dpmpp_2m" if name.startswith("dpmpp_2m") else name
     settings = dict(_DEFAULTS[base])
-    settings.update({k: v for k, v in config.items() if k in settings})
+    # Keys diffusers filled in with its class defaults (not given by the config's author) give
+    # way to this sampler's defaults, as diffusers' from_config does.
+    defaulted = set(config.get("_use_default_values", ()))
+    settings.update({k: v for k, v in config.items() if k in settings and k not in defaulted})
     if prediction_type is not None:
         settings["prediction_type"] = prediction_type
     if settings["prediction_type"] not in PREDICTION_TYPES:

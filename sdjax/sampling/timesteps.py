@@ -17,10 +17,12 @@ SPACINGS = ("leading", "trailing", "linspace")
 
 
 def alphas_cumprod(config) -> np.ndarray:
-    """alpha_bar_t for t = 0 .. num_train_timesteps - 1 (float64)."""
+    """alpha_bar_t for t = 0 .. num_train_timesteps - 1, computed in float32 as diffusers does
+    (so that, e.g., the small sigmas near t = 0 carry the same rounding), returned as float64."""
     if config.get("rescale_betas_zero_snr"):
         raise ConfigError("rescale_betas_zero_snr in the scheduler config is not supported yet")
-    return np.cumprod(1.0 - betas_from_config(config))
+    betas = betas_from_config(config).astype(np.float32)
+    return np.cumprod(np.float32(1.0) - betas, dtype=np.float32).astype(np.float64)
 
 
 def check_spacing(spacing: str) -> str:
@@ -45,8 +47,10 @@ def spaced_timesteps(spacing: str, num_train: int, steps: int, steps_offset: int
 
 
 def sigmas_of(alphas_bar: np.ndarray) -> np.ndarray:
-    """The noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of each training timestep."""
-    return np.sqrt((1.0 - alphas_bar) / alphas_bar)
+    """The noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of each training timestep
+    (float32 arithmetic, as diffusers)."""
+    a = alphas_bar.astype(np.float32)
+    return np.sqrt((np.float32(1.0) - a) / a).astype(np.float64)
 
 
 def interpolate_sigmas(timesteps: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:

@@ -1,0 +1,123 @@
+"""JAX samplers against diffusers' schedulers step by step; seeds; bad input."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from sdjax.errors import ConfigError
+from sdjax.sampling.schedulers import SCHEDULERS, make_scheduler
+from tests.diffusers_reference import FixedNoise, diffusers_scheduler
+
+
+def sd_config(**overrides):
+    from diffusers import DDIMScheduler
+
+    settings = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    settings.update(overrides)
+    return dict(DDIMScheduler(**settings).config)
+
+
+CONFIGS = {
+    "leading": sd_config(),
+    "trailing": sd_config(timestep_spacing="trailing", prediction_type="v_prediction"),
+    "linspace": sd_config(timestep_spacing="linspace", steps_offset=0),
+    "clip-alpha1-linear": sd_config(clip_sample=True, set_alpha_to_one=True, beta_schedule="linear",
+                                    beta_start=0.0001, beta_end=0.02),
+}
+
+
+@pytest.mark.parametrize("config_name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_scheduler_steps_match_diffusers(name, config_name, monkeypatch):
+    """Timesteps, input scaling, initial sigma and every update, for 1, 3 and 25 steps, with a
+    made-up model whose output depends on its input."""
+    import jax.numpy as jnp
+
+    config = CONFIGS[config_name]
+    rng = np.random.default_rng(0)
+    for steps in (1, 3, 25):
+        ref = diffusers_scheduler(name, config)
+        ref.set_timesteps(steps)
+        ours = make_scheduler(name, config, steps)
+        np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=1e-6, atol=1e-4)
+        assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-5)
+        x = rng.standard_normal((2, 4, 3, 3)).astype(np.float32) * ours.init_noise_sigma
+        x_ref, x_ours, state = torch.from_numpy(x), jnp.asarray(x), ours.init_state(jnp.asarray(x))
+        noises = rng.standard_normal((len(ours.timesteps),) + x.shape).astype(np.float32)
+        FixedNoise(monkeypatch, noises)
+        for i, t in enumerate(ref.timesteps):
+            model_in = ref.scale_model_input(x_ref, t)
+            np.testing.assert_allclose(np.asarray(x_ours * ours.input_scale(i)), model_in.numpy(),
+                                       atol=1e-5 * max(1.0, float(np.abs(x_ref.numpy()).max())))
+            out = np.tanh(model_in.numpy()) + 0.1 * rng.standard_normal(x.shape).astype(np.float32)
+            x_ref = ref.step(torch.from_numpy(out), t, x_ref).prev_sample
+            x_ours, state = ours.step(state, i, jnp.asarray(out), x_ours, jnp.asarray(noises[i]))
+        scale = max(1.0, float(np.abs(x_ref.numpy()).max()))
+        np.testing.assert_allclose(np.asarray(x_ours) / scale, x_ref.numpy() / scale, atol=1e-5)
+
+
+def test_images_depend_only_on_seed_prompt_and_index(sd1):
+    """An image is the same whether made alone or with others, and seeds change it."""
+    sampler, params = sd1.sampler(), sd1._device_params()
+    common = dict(num_inference_steps=3, guidance_scale=1.0, scheduler="euler_a", decode=False)
+    # Every call pads to the 4 test devices: one compiled program serves them all.
+    two = sampler.sample(params, ["a cat", "a dog"], num_images_per_prompt=2, seed=7, **common)
+    one = sampler.sample(params, ["a cat", "a dog"], num_images_per_prompt=1, seed=7, **common)
+    other_seed = sampler.sample(params, ["a cat"], num_images_per_prompt=1, seed=8, **common)
+    # Same (seed, prompt index, image index): the same image, whatever else the call makes.
+    np.testing.assert_allclose(two.latents[2], one.latents[1], atol=1e-5)
+    np.testing.assert_allclose(two.latents[0], one.latents[0], atol=1e-5)
+    assert np.abs(two.latents[2] - two.latents[3]).max() > 1e-2  # image 1 of a prompt differs
+    assert np.abs(one.latents[0] - other_seed.latents[0]).max() > 1e-2  # so does another seed
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(height=98), "height=98 must be a positive multiple of 4"),
+    (dict(width=0), "width=0 must be a positive multiple of 4"),
+    (dict(num_inference_steps=0), "num_inference_steps=0 must be a whole number of at least 1"),
+    (dict(scheduler="lms"), "unknown scheduler 'lms': choose one of ddim, pndm, euler"),
+    (dict(prompt=[]), "prompt is empty"),
+    (dict(negative_prompt=["a", "b", "c"]), "negative_prompt has 3 entries for 2 prompts"),
+    (dict(latents=np.zeros((1, 4, 8, 8))), "latents have shape (1, 4, 8, 8); this call needs (2, 4, 8, 8)"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt=0 must be at least 1"),
+    (dict(output_type="tensor"), "output_type='tensor': choose pil, np or latent"),
+])
+def test_bad_sampling_input(sd1, kwargs, message):
+    args = dict(prompt=["a", "b"], num_inference_steps=2)
+    args.update(kwargs)
+    with pytest.raises(Exception) as info:
+        sd1(**args)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_scheduler_configs_sdjax_cannot_honour():
+    from sdjax.sampling.schedulers import default_scheduler_name
+
+    with pytest.raises(ConfigError, match="LMSDiscreteScheduler has no sdjax sampler; pass one of"):
+        default_scheduler_name({"_class_name": "LMSDiscreteScheduler"})
+    assert default_scheduler_name({"_class_name": "DPMSolverMultistepScheduler",
+                                   "use_karras_sigmas": True}) == "dpmpp_2m_karras"
+    with pytest.raises(ConfigError, match="thresholding=True in the scheduler config is not supported"):
+        make_scheduler("ddim", {"thresholding": True}, 10)
+    with pytest.raises(ConfigError, match="prediction_type 'sample' is not supported"):
+        make_scheduler("euler", {"prediction_type": "sample"}, 10)
+    with pytest.raises(ConfigError, match="timestep_spacing 'middle'"):
+        make_scheduler("euler", {"timestep_spacing": "middle"}, 10)
+
+
+def test_long_prompts_are_truncated_with_a_warning(sd1, caplog):
+    from sdjax.sampling.prompts import encode
+
+    long = "a photo of " + " and ".join(f"cat number {i}" for i in range(40))
+    with caplog.at_level(logging.WARNING, logger="sdjax"):
+        ids = encode(sd1.tokenizer, ["a dog", long])
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and long in warnings[0] and "CLIP reads 77" in warnings[0]
+    assert warnings[0].split("ignored:")[1].replace(" ", "").endswith("catnumber39'")  # the cut end
+    expected = sd1.tokenizer([long], padding="max_length", max_length=77, truncation=True,
+                             return_tensors="np").input_ids
+    np.testing.assert_array_equal(ids[1], expected[0])
