@@ -42,24 +42,37 @@ def _wrap(draw, text: str, font, width: int) -> str:
     return "\n".join(lines + [line])
 
 
+HEADER = 28  # pixels above the first row, for the column labels
+
+
+def column_lefts(column_labels: Sequence[str], cell_width: int) -> tuple:
+    """-> (width of the row-label margin, left edge of each column's cell) in a labelled grid.
+    A column is widened, its cell centred, when its label is wider than the images."""
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), _font()
+    margin = max(160, cell_width)
+    lefts, x = [], margin
+    for label in column_labels:
+        width = max(cell_width, int(draw.textlength(label, font=font)) + 12)
+        lefts.append((x, x + (width - cell_width) // 2))
+        x += width
+    return x, lefts
+
+
 def labelled_grid(cells: Sequence[Sequence[Image.Image]], row_labels: Sequence[str],
                   column_labels: Sequence[str]) -> Image.Image:
     """cells[r][c] in a table with the row labels (prompts) on the left and the column labels
-    (checkpoints) on top. Cells keep their pixels exactly; a column is widened (the cell
-    centred) when its label is wider than the images."""
+    (checkpoints) on top; cell (r, c) is at (column_lefts(...)[1][c][1], HEADER + r * height),
+    pixels unchanged."""
     w, h = cells[0][0].size
-    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), _font()
-    label_width = max(160, w)
-    row_texts = [_wrap(draw, label, font, label_width - 8) for label in row_labels]
-    widths = [max(w, int(draw.textlength(label, font=font)) + 12) for label in column_labels]
-    header = 28
-    sheet = Image.new("RGB", (label_width + sum(widths), header + len(row_labels) * h), "white")
-    draw = ImageDraw.Draw(sheet)
-    left = [label_width + sum(widths[:c]) for c in range(len(widths))]
-    for c, label in enumerate(column_labels):
-        draw.text((left[c] + 6, 6), label, fill="black", font=font)
-    for r, text in enumerate(row_texts):
-        draw.multiline_text((4, header + r * h + 4), text, fill="black", font=font)
-        for c, image in enumerate(cells[r]):
-            sheet.paste(image, (left[c] + (widths[c] - w) // 2, header + r * h))
+    total_width, lefts = column_lefts(column_labels, w)
+    margin = lefts[0][0]
+    sheet = Image.new("RGB", (total_width, HEADER + len(row_labels) * h), "white")
+    draw, font = ImageDraw.Draw(sheet), _font()
+    for (column_left, _), label in zip(lefts, column_labels):
+        draw.text((column_left + 6, 6), label, fill="black", font=font)
+    for r, label in enumerate(row_labels):
+        draw.multiline_text((4, HEADER + r * h + 4), _wrap(draw, label, font, margin - 8),
+                            fill="black", font=font)
+        for (_, cell_left), image in zip(lefts, cells[r]):
+            sheet.paste(image, (cell_left, HEADER + r * h))
     return sheet
