@@ -60,7 +60,7 @@ def test_unet_sides_not_a_multiple_of_its_downsampling(pair):
     rng = np.random.default_rng(2)
     sample = rng.standard_normal((1, 4, 10, 7)).astype(np.float32)
     context = rng.standard_normal((1, 5, 32)).astype(np.float32)
-    ours = sd.unet.apply({"params": sd.params["unet"]}, sample, np.array([500.0]), context)
+    ours = jax.jit(sd.unet.apply)({"params": sd.params["unet"]}, sample, np.array([500.0]), context)
     with torch.no_grad():
         ref = pipe.unet(torch.from_numpy(sample), torch.tensor([500.0]),
                         torch.from_numpy(context)).sample.numpy()

@@ -1,5 +1,6 @@
 """Whole text-to-image calls against diffusers' StableDiffusionPipeline on the same tiny weights:
-every scheduler, epsilon (sd1) and v-prediction (sd2), classifier-free guidance with negative
+every scheduler with epsilon and v-prediction (the sd2-style model, its scheduler's prediction
+type set both ways; DDIM also on the sd1-style model), classifier-free guidance with negative
 prompts, given initial latents."""
 
 import numpy as np
@@ -17,16 +18,20 @@ NEGATIVE = ["blurry", ""]
 def reference_pipelines(sd1_dir, sd2_dir):
     from diffusers import StableDiffusionPipeline
 
-    return {style: StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None)
-            for style, path in (("sd1", sd1_dir), ("sd2", sd2_dir))}
+    pipes = {style: StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None)
+             for style, path in (("sd1", sd1_dir), ("sd2", sd2_dir))}
+    for pipe in pipes.values():  # each test sets its scheduler up from the saved config
+        pipe.saved_scheduler_config = pipe.scheduler.config
+    return pipes
 
 
-def reference_call(pipe, name, latents, monkeypatch, seed, steps=8, guidance=6.0):
+def reference_call(pipe, name, prediction, latents, monkeypatch, seed, steps=8, guidance=6.0):
     from sdjax.sampling.sampler import image_keys, step_noise
 
     import jax.numpy as jnp
 
-    pipe.scheduler = diffusers_scheduler(name, pipe.scheduler.config)
+    pipe.scheduler = diffusers_scheduler(name, dict(pipe.saved_scheduler_config,
+                                                    prediction_type=prediction))
     count = latents.shape[0]
     if name == "euler_a":  # diffusers draws each step's noise from torch: hand it ours instead
         keys = image_keys(np.uint32(seed), jnp.arange(count), jnp.zeros(count, jnp.int32))
@@ -46,17 +51,22 @@ def relative_error(ours, ref):
     return float(np.abs(ours - ref).max() / max(1.0, np.abs(ref).max()))
 
 
-@pytest.mark.parametrize("style", ["sd1", "sd2"])  # epsilon / v-prediction
-@pytest.mark.parametrize("name", SCHEDULERS)
-def test_pipeline_matches_diffusers(name, style, request, reference_pipelines, monkeypatch):
+CASES = ([("sd2", name, prediction) for prediction in ("epsilon", "v_prediction")
+          for name in SCHEDULERS] + [("sd1", "ddim", "epsilon")])
+
+
+@pytest.mark.parametrize("style, name, prediction", CASES)
+def test_pipeline_matches_diffusers(style, name, prediction, request, reference_pipelines,
+                                    monkeypatch):
     """Final latents and decoded images within 1e-4 (relative to the latents' scale when it is
     above 1) of diffusers' StableDiffusionPipeline, float32 on CPU, 2 prompts with negative
     prompts and guidance 6 over 8 steps."""
     sd = request.getfixturevalue(style)
     latents = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
-    ref = reference_call(reference_pipelines[style], name, latents, monkeypatch, seed=5)
+    ref = reference_call(reference_pipelines[style], name, prediction, latents, monkeypatch, seed=5)
     out = sd.sampler().sample(sd._device_params(), PROMPTS, NEGATIVE, num_inference_steps=8,
-                              guidance_scale=6.0, latents=latents, scheduler=name, seed=5)
+                              guidance_scale=6.0, latents=latents, scheduler=name, seed=5,
+                              prediction_type=prediction)
     assert relative_error(out.latents, ref["latent"]) < 1e-4
     assert np.abs(out.images - ref["np"]).max() < 1e-4
 

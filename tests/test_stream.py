@@ -1,7 +1,6 @@
 """Streaming data sets (--streaming): disjoint host shares, epochs, exact resume, bad records."""
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest

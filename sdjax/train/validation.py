@@ -12,6 +12,7 @@ import math
 import os
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from sdjax.sampling.images import grid, to_pil
 from sdjax.sampling.sampler import Sampler
@@ -69,7 +70,7 @@ class Validation:
             self.writer.images(step, [(p, np.asarray(r)) for p, r in zip(self.prompts, rows)])
             self.writer.scalars(step, {"seconds": out.seconds}, prefix="validation")
             compiled = " (including compilation)" if out.compiled else ""
-            print(f"validation at step {step}: {len(images)} images "
+            tqdm.write(f"validation at step {step}: {len(images)} images "
                   f"({'EMA' if self.use_ema else 'raw'} weights) in {out.seconds:.1f} s"
                   f"{compiled} -> {path}")
         return path
