@@ -205,10 +205,13 @@ def test_bad_validation_flags(flags, message):
         cfg.validate()
 
 
-def test_repeated_validation_holds_no_device_memory(tmp_path):
-    validation, sd = validation_for(["--validation_prompts", "a", "b", "--resolution", "32",
-                                     "--num_validation_images", "1",
-                                     "--validation_num_inference_steps", "2",
+def test_repeated_validation_holds_no_device_memory(run, tmp_path):
+    # The run's validation settings: its compiled program comes from the compilation cache.
+    validation, sd = validation_for(["--validation_prompts", *PROMPTS, "--resolution", "32",
+                                     "--num_validation_images", "2", "--seed", "3",
+                                     "--validation_num_inference_steps", "3",
+                                     "--validation_guidance_scale", "4.0",
+                                     "--validation_scheduler", "euler_a",
                                      "--output_dir", str(tmp_path)])
     state = types.SimpleNamespace(params=sd.sampler().place(sd.params["unet"]), ema=None)
 

@@ -25,7 +25,9 @@ def _args(out):
             "--pretrained_model_name_or_path=tiny", f"--train_data_dir={DEMO_DATA}",
             "--resolution=64", "--center_crop", "--random_flip", "--train_batch_size=1",
             "--gradient_accumulation_steps=2", "--use_ema", "--learning_rate=1e-3",
-            "--max_train_steps=3", "--checkpointing_steps=2", "--seed=5", f"--output_dir={out}"]
+            "--max_train_steps=3", "--checkpointing_steps=2", "--seed=5", f"--output_dir={out}",
+            "--validation_prompts", "a red cube", "a blue ball", "--num_validation_images=1",
+            "--validation_num_inference_steps=2"]
 
 
 def _env(devices):
@@ -65,6 +67,15 @@ def test_two_hosts_match_one_host(tmp_path):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
     # Both runs checkpointed at step 2; the two-host checkpoint restores like any other.
     assert (tmp_path / "multi" / "checkpoints" / "checkpoint_2").is_dir()
+    # Validation sampled across both hosts' devices; host 0 wrote the same grids.
+    from PIL import Image
+
+    for step in (2, 3):
+        name = f"step-{step:07d}.png"
+        one, two = (np.asarray(Image.open(tmp_path / run / "validation" / name), np.int16)
+                    for run in ("single", "multi"))
+        assert one.shape == two.shape == (2 * 64, 64, 3)
+        assert np.abs(one - two).max() <= 2  # the weights agree to float tolerance
 
 
 def _mixed_images(root):
