@@ -31,14 +31,15 @@ def run_main(argv):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """4 steps of the tiny model from the latent cache, EMA on, checkpoints and validation every
-    2 steps (euler_a, 2 images per prompt, 32 px)."""
+    """4 steps of the tiny (epsilon) model trained for v-prediction from the latent cache, EMA
+    on, checkpoints and validation every 2 steps (euler_a, 2 images per prompt, 32 px)."""
     out = str(tmp_path_factory.mktemp("gen") / "run")
     code, stdout, _ = run_main([
         "--pretrained_model_name_or_path", "tiny", "--train_data_dir", DEMO_DATA,
         "--resolution", "32", "--center_crop", "--train_batch_size", "1", "--max_train_steps", "4",
         "--checkpointing_steps", "2", "--use_ema", "--learning_rate", "1e-3",
         "--lr_warmup_steps", "0", "--cache_latents", "--seed", "3", "--output_dir", out,
+        "--prediction_type", "v_prediction",
         "--validation_prompts", *PROMPTS, "--validation_steps", "2", "--num_validation_images", "2",
         "--validation_num_inference_steps", "3", "--validation_guidance_scale", "4.0",
         "--validation_scheduler", "euler_a"])
@@ -60,6 +61,9 @@ def test_validation_images_every_n_steps(run):
     assert "validation at step 4: 4 images (EMA weights) in" in stdout
     assert sorted(os.listdir(os.path.join(out, "validation"))) == ["step-0000002.png",
                                                                    "step-0000004.png"]
+    # The exported scheduler says what the UNet was trained to predict.
+    scheduler = json.load(open(os.path.join(out, "scheduler", "scheduler_config.json")))
+    assert scheduler["prediction_type"] == "v_prediction"
 
 
 def test_validation_images_in_tensorboard(run):

@@ -34,8 +34,16 @@ def base_model(meta: dict, dtype=None):
     from sdjax.train.loop import load_base_model
 
     base = meta["base_model"]
-    return load_base_model(base["pretrained_model_name_or_path"], base["seed"], base.get("revision"),
-                           base.get("variant"), dtype=dtype)
+    sd = load_base_model(base["pretrained_model_name_or_path"], base["seed"], base.get("revision"),
+                         base.get("variant"), dtype=dtype)
+    apply_prediction_type(sd, meta["config"].get("prediction_type"))
+    return sd
+
+
+def apply_prediction_type(sd, prediction_type: Optional[str]) -> None:
+    """A run trained with --prediction_type samples, and exports its scheduler config, with it."""
+    if prediction_type:
+        sd.scheduler_config["prediction_type"] = prediction_type
 
 
 def export_checkpoint(checkpoint: str, output: str, ema: Optional[bool] = None,

@@ -176,7 +176,10 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     seed = cfg.run_seed
     mesh = make_mesh()
     images, sd, loader = data_and_model(cfg, is_main, mesh, use_cache=cfg.cache_latents)
-    schedule = NoiseSchedule.from_config(sd.scheduler_config, cfg.prediction_type)
+    from sdjax.train.export import apply_prediction_type
+
+    apply_prediction_type(sd, cfg.prediction_type)  # for validation and the exported scheduler
+    schedule = NoiseSchedule.from_config(sd.scheduler_config)
     n_devices, n_hosts = jax.device_count(), jax.process_count()
     k = cfg.gradient_accumulation_steps
     global_rows = cfg.train_batch_size * n_devices

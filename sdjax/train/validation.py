@@ -28,8 +28,7 @@ class Validation:
                              guidance_scale=cfg.validation_guidance_scale,
                              height=cfg.resolution, width=cfg.resolution,
                              num_images_per_prompt=self.per_prompt, seed=cfg.run_seed,
-                             scheduler=cfg.validation_scheduler,
-                             prediction_type=cfg.prediction_type)
+                             scheduler=cfg.validation_scheduler)
         if cfg.validation_steps:
             self.every = cfg.validation_steps
         elif cfg.validation_epochs:
@@ -39,7 +38,7 @@ class Validation:
         self.sampler = Sampler(models, sd.configs, sd.scheduler_config, sd.tokenizer, mesh)
         # Refuse a bad scheduler or image size now, before hours of training.
         make_scheduler(cfg.validation_scheduler or default_scheduler_name(sd.scheduler_config),
-                       sd.scheduler_config, cfg.validation_num_inference_steps, cfg.prediction_type)
+                       sd.scheduler_config, cfg.validation_num_inference_steps)
         self.sampler.check_size(cfg.resolution, "--resolution")
         self.frozen = frozen
         self.writer = writer
