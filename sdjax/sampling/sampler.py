@@ -131,12 +131,12 @@ class Sampler:
         # Pad the batch to a multiple of the device count; the extra images are dropped.
         devices = self.mesh.devices.size
         padded = math.ceil(count / devices) * devices
-        pad = [count - 1] * (padded - count)
-        rows = np.array(list(range(count)) + pad)
+        rows = np.minimum(np.arange(padded), count - 1)  # padding repeats the last image
         inputs = dict(ids=ids[rows], negative_ids=negative_ids[rows],
-                      prompt_index=np.array(per_image + [per_image[-1]] * len(pad), np.int32),
-                      image_index=np.arange(padded, dtype=np.int32) % num_images_per_prompt,
-                      init=(latents[rows] if latents is not None else np.zeros((padded, 1), np.float32)))
+                      prompt_index=np.array(per_image, np.int32)[rows],
+                      image_index=(np.arange(count, dtype=np.int32) % num_images_per_prompt)[rows],
+                      init=(latents[rows] if latents is not None
+                            else np.zeros((padded, 1), np.float32)))
         inputs = {k: shard_batch(v, self.mesh) for k, v in inputs.items()}
 
         key = (sched.name, sched.num_inference_steps, repr(sorted(sched.settings.items())),

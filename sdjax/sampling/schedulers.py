@@ -288,17 +288,13 @@ class Euler(Scheduler):
 
 
 class EulerAncestral(Euler):
-    """Euler steps that go down past the next noise level and add fresh noise back up to it."""
+    """Euler steps that go down past the next noise level and add fresh noise back up to it
+    (its config has no Karras or final-sigma options: the Euler set-up runs with their defaults)."""
 
     stochastic = True
 
     def __init__(self, name, settings, steps):
-        Scheduler.__init__(self, name, settings, steps)
-        train_sigmas = sigmas_of(alphas_cumprod(settings))
-        timesteps = spaced_timesteps(settings["timestep_spacing"], settings["num_train_timesteps"],
-                                     steps, settings["steps_offset"], integer=False)
-        sigmas = np.append(interpolate_sigmas(timesteps, train_sigmas), 0.0)
-        self._set_sigmas(timesteps, sigmas, settings["timestep_spacing"])
+        super().__init__(name, settings, steps)
         s_from, s_to = self._sigmas[:-1], self._sigmas[1:]
         self._sigma_up = np.sqrt(s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2)
         self._sigma_down = np.sqrt(s_to ** 2 - self._sigma_up ** 2)

@@ -206,10 +206,14 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     base_key = jax.random.key(seed)
 
     repl = replicated(mesh)
+
+    def frozen_on_devices():
+        return replicate({c: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype),
+                                                    sd.params[c])
+                          for c in ("vae", "text_encoder")}, mesh)
+
     # From the cache, the step needs neither the VAE nor the text encoder on the devices.
-    frozen = {} if loader.cache is not None else replicate(
-        {c: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), sd.params[c])
-         for c in ("vae", "text_encoder")}, mesh)
+    frozen = {} if loader.cache is not None else frozen_on_devices()
     state = jax.jit(lambda p: init_state(p, tx, cfg.use_ema), out_shardings=repl)(
         replicate(sd.params["unet"], mesh))
 
@@ -250,11 +254,8 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
         from sdjax.train.validation import Validation
 
         # From the cache the step has no VAE or text encoder on the devices; sampling needs both.
-        sampling_frozen = frozen or replicate(
-            {c: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), sd.params[c])
-             for c in ("vae", "text_encoder")}, mesh)
-        validation = Validation(cfg, sd, models, sampling_frozen, mesh, writer, is_main,
-                                loader.steps_per_epoch)
+        validation = Validation(cfg, sd, models, frozen or frozen_on_devices(), mesh, writer,
+                                is_main, loader.steps_per_epoch)
     preemption = _Preemption()
     saved_steps = set(manager.all_steps())
     try:
