@@ -7,7 +7,6 @@ import json
 import os
 import re
 
-import jax
 import jax.numpy as jnp
 
 from sdjax.errors import ConfigError
@@ -18,15 +17,6 @@ from sdjax.sampling.schedulers import default_scheduler_name
 
 def _dtype(name: str):
     return None if name == "float32" else jnp.dtype(name)
-
-
-def _check_fits(unet, sd, checkpoint: str, model: str) -> None:
-    """The checkpoint's UNet must have the model's architecture, leaf for leaf."""
-    want = jax.tree_util.tree_map(lambda x: tuple(x.shape), sd.params["unet"])
-    have = jax.tree_util.tree_map(lambda x: tuple(x.shape), unet)
-    if want != have:
-        raise ConfigError(f"the UNet in {checkpoint} does not fit the model {model} (different "
-                          "architecture); drop --model to use the run's own base model")
 
 
 def _negative(args):
@@ -43,7 +33,7 @@ def _sampling_settings(args, sd) -> dict:
 
 def generate(args) -> list:
     """Writes one PNG per image, grid.png (a row per prompt) and generate.json; -> the paths."""
-    from sdjax.train.export import base_model, read_unet
+    from sdjax.train.export import base_model, checkpoint_meta, read_unet
     from sdjax.train.loop import load_base_model
 
     if not args.model and not args.checkpoint:
@@ -51,14 +41,14 @@ def generate(args) -> list:
     if args.ema is not None and not args.checkpoint:
         raise ConfigError("--ema/--no_ema pick the weights of a --checkpoint; add --checkpoint")
     prompts = prompt_list(args.prompt, "--prompt")
-    step = used_ema = None
+    step = used_ema = meta = None
     if args.checkpoint:
-        unet, step, meta, used_ema = read_unet(args.checkpoint, args.ema)
+        meta = checkpoint_meta(args.checkpoint)
     sd = (load_base_model(args.model, 0, dtype=_dtype(args.dtype)) if args.model
           else base_model(meta, dtype=_dtype(args.dtype)))
     if args.checkpoint:
-        _check_fits(unet, sd, args.checkpoint, args.model)
-        sd.params["unet"] = unet
+        sd.params["unet"], step, meta, used_ema = read_unet(args.checkpoint, sd.params["unet"],
+                                                            args.ema)
     settings = _sampling_settings(args, sd)
     images = sd(prompts, _negative(args), num_images_per_prompt=args.num_images,
                 output_type="pil", **settings)
@@ -105,7 +95,7 @@ def compare(args) -> str:
     columns checkpoints. -> the grid's path."""
     from sdjax.pipeline import StableDiffusion
     from sdjax.train import checkpoint as ckpt
-    from sdjax.train.export import base_model, read_unet
+    from sdjax.train.export import base_model, checkpoint_meta, read_unet
 
     prompts = prompt_list(args.prompts, "--prompts")
     directory = ckpt.checkpoint_dir(args.output_dir)
@@ -116,7 +106,7 @@ def compare(args) -> str:
         manager.close()
     steps = _choose_steps(args.steps, available, directory)
     paths = [os.path.join(directory, f"{ckpt.PREFIX}_{s}") for s in steps]
-    sd = base_model(ckpt.read_meta(paths[0])[2], dtype=_dtype(args.dtype))
+    sd = base_model(checkpoint_meta(paths[0]), dtype=_dtype(args.dtype))
     sampler = sd.sampler()
     settings = _sampling_settings(args, sd)
     frozen = sampler.place({c: sd.params[c] for c in ("vae", "text_encoder")})
@@ -130,7 +120,7 @@ def compare(args) -> str:
         if path is None:
             unet = StableDiffusion.from_pretrained(args.output_dir).params["unet"]
         else:
-            unet, _, _, used_ema = read_unet(path, args.ema)
+            unet, _, _, used_ema = read_unet(path, sd.params["unet"], args.ema)
             label += " EMA" if used_ema else ""
         out = sampler.sample(dict(frozen, unet=unet), prompts, _negative(args), **settings)
         columns.append(to_pil(out.images))
