@@ -82,6 +82,7 @@ class TrainConfig:
     output_dir: str = "sd-model-finetuned"
     logging_dir: str = "logs"
     report_to: str = "tensorboard"
+    tracker_project_name: str = "text2image-fine-tune"
     logging_steps: int = 10
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = None
@@ -102,6 +103,7 @@ class TrainConfig:
     coordinator_address: Optional[str] = None
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+    distributed_timeout: int = 300
 
     # ---------------------------------------------------------------------------------------
 
@@ -163,9 +165,17 @@ class TrainConfig:
                             "choose xla or cudnn")
         if self.train_data_dir and not os.path.isdir(self.train_data_dir):
             problems.append(f"--train_data_dir {self.train_data_dir} is not a directory")
-        if self.resume_from_checkpoint is not None and not _is_checkpoint_ref(self.resume_from_checkpoint):
-            problems.append(f"--resume_from_checkpoint={self.resume_from_checkpoint!r}: give latest, "
-                            "checkpoint-N, N or a checkpoint path")
+        if self.resume_from_checkpoint is not None:
+            from sdjax.train.checkpoint import parse_ref
+
+            try:
+                parse_ref(self.resume_from_checkpoint)
+            except ConfigError as e:
+                problems.append(str(e))
+        if self.distributed_timeout < 1:
+            problems.append("--distributed_timeout must be at least 1 (seconds)")
+        if not self.tracker_project_name.strip():
+            problems.append("--tracker_project_name must not be empty")
         if self.streaming:
             if self.max_train_steps is None:
                 problems.append("--streaming needs --max_train_steps (a stream's length is unknown)")
@@ -177,6 +187,10 @@ class TrainConfig:
                 problems.append("tfds: data sets are read with random access: drop --streaming")
             if self.shuffle_buffer_size < 1:
                 problems.append("--shuffle_buffer_size must be at least 1")
+        if self.cache_latents and "://" in (self.latent_cache_dir or self.output_dir):
+            problems.append("the latent cache is read as memory-mapped local files and cannot "
+                            f"live at {self.latent_cache_dir or self.output_dir}: give a local "
+                            "--latent_cache_dir (a disk or a mounted bucket)")
         if self.latent_cache_dir and os.path.exists(self.latent_cache_dir) and not os.path.isdir(
                 self.latent_cache_dir):
             problems.append(f"--latent_cache_dir {self.latent_cache_dir} exists and is not a directory")
@@ -216,10 +230,6 @@ class TrainConfig:
         return problems
 
 
-def _is_checkpoint_ref(ref: str) -> bool:
-    return ref == "latest" or bool(re.fullmatch(r"(checkpoint-)?\d+", ref)) or os.path.exists(ref)
-
-
 # Flags of the diffusers scripts that mean nothing here: accepted, with a one-line note.
 NOOP_FLAGS = {
     "enable_xformers_memory_efficient_attention":
@@ -230,13 +240,12 @@ NOOP_FLAGS = {
     "offload_ema": "EMA lives sharded with the parameters on the devices",
     "non_ema_revision": "not used: the non-EMA weights are the ones loaded",
     "local_rank": "processes are started per host; see --coordinator_address",
-    "tracker_project_name": "used by wandb only",
     "push_to_hub": "not supported yet: upload output_dir with `huggingface-cli upload`",
     "hub_token": "not supported yet", "hub_model_id": "not supported yet",
     "dream_training": None, "dream_detail_preservation": None,
 }
 # Of those, the ones taking a value (the rest are store_true switches).
-_NOOP_WITH_VALUE = {"non_ema_revision", "local_rank", "tracker_project_name", "hub_token",
+_NOOP_WITH_VALUE = {"non_ema_revision", "local_rank", "hub_token",
                     "hub_model_id", "dream_detail_preservation"}
 
 

@@ -15,20 +15,60 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sdjax.errors import SdjaxError
+
 log = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
 
 
+def multi_process_environment(environ=None) -> Optional[str]:
+    """What in the environment says this process is one of several, in words; None if nothing.
+
+    Read from the variables the launchers set: JAX's own, a TPU pod's worker list, SLURM,
+    Open MPI and a Kubernetes JobSet."""
+    env = os.environ if environ is None else environ
+
+    def count(name):
+        try:
+            return int(env.get(name, ""))
+        except ValueError:
+            return 0
+
+    found = []
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        found.append(f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']}")
+    if count("JAX_NUM_PROCESSES") > 1:
+        found.append(f"JAX_NUM_PROCESSES={env['JAX_NUM_PROCESSES']}")
+    for name in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+        workers = [w for w in env.get(name, "").split(",") if w.strip()]
+        if len(workers) > 1:
+            found.append(f"a TPU pod ({name} lists {len(workers)} workers)")
+            break
+    if count("MEGASCALE_NUM_SLICES") > 1:
+        found.append(f"a multi-slice TPU job (MEGASCALE_NUM_SLICES={env['MEGASCALE_NUM_SLICES']})")
+    slurm_tasks = max(count("SLURM_STEP_NUM_TASKS"), count("SLURM_NTASKS"))
+    if slurm_tasks > 1 and "SLURM_PROCID" in env:
+        found.append(f"SLURM with {slurm_tasks} tasks")
+    if count("OMPI_COMM_WORLD_SIZE") > 1:
+        found.append(f"Open MPI with {env['OMPI_COMM_WORLD_SIZE']} processes")
+    if env.get("JOBSET_NAME"):
+        found.append(f"a Kubernetes JobSet ({env['JOBSET_NAME']})")
+    return ", ".join(found) or None
+
+
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
+                           process_id: Optional[int] = None,
+                           timeout_seconds: int = 300) -> None:
     """Starts multi-host JAX when asked to or when the platform says so.
 
     Explicit flags (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) start it
     anywhere; otherwise JAX's own cluster detection is asked (TPU pods, SLURM, Open MPI,
-    Kubernetes), and a plain machine stays a single process. Must run before anything touches
-    the devices.
+    Kubernetes), and a plain machine stays a single process. `--num_processes 1` forces one
+    process. When the environment says this is one process of several and the start fails,
+    the run stops (SdjaxError): every worker training alone as process 0 would write the same
+    files. Must run before anything touches the devices.
     """
     if _distributed_is_initialized():
         return
@@ -37,19 +77,35 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
         process_id = int(os.environ["JAX_PROCESS_ID"])
-    if coordinator_address:
-        # CPU collectives across processes (how multi-host is tested on one machine); the
-        # default in recent JAX, not in older releases.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+    if num_processes == 1:
         return
+    detected = multi_process_environment()
     try:
-        jax.distributed.initialize()
-    except ValueError:
-        pass  # no cluster detected: one process
-    except RuntimeError:
-        pass  # devices already in use in this process (a notebook, tests): stay single-process
+        if coordinator_address:
+            # CPU collectives across processes (how multi-host is tested on one machine); the
+            # default in recent JAX, not in older releases.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            jax.distributed.initialize(coordinator_address=coordinator_address,
+                                       num_processes=num_processes, process_id=process_id,
+                                       initialization_timeout=timeout_seconds)
+            return
+        jax.distributed.initialize(initialization_timeout=timeout_seconds)
+    except Exception as e:  # noqa: BLE001 -- whatever JAX raised, say it in one line
+        what = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if coordinator_address or detected:
+            raise DistributedStartError(
+                f"this process is one of several ({detected or 'coordinator ' + coordinator_address}), "
+                f"but jax.distributed.initialize failed: {what}. Check that every worker runs the "
+                "same command and can reach the coordinator; for a single process pass "
+                "--num_processes 1") from None
+        if not isinstance(e, (ValueError, RuntimeError)):
+            raise
+        # No cluster detected (ValueError), or the devices are already in use in this process
+        # (a notebook, tests; RuntimeError): one process.
+
+
+class DistributedStartError(SdjaxError):
+    """Multi-host start-up failed where the environment asked for it."""
 
 
 def _distributed_is_initialized() -> bool:
@@ -59,6 +115,27 @@ def _distributed_is_initialized() -> bool:
     from jax._src import distributed
 
     return distributed.global_state.client is not None
+
+
+def sync_hosts(name: str) -> None:
+    """Every host waits here until all have arrived (nothing to do with one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def hosts_agree(value: str) -> bool:
+    """Whether every host passed the same string (each host learns the same answer)."""
+    if jax.process_count() == 1:
+        return True
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.blake2b(value.encode(), digest_size=16).digest(), np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(digest))
+    return bool((everyone == everyone[0]).all())
 
 
 def make_mesh() -> Mesh:

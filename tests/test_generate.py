@@ -70,7 +70,7 @@ def test_validation_images_in_tensorboard(run):
     from tensorboardX.proto.event_pb2 import Event
 
     out, _ = run
-    logs = os.path.join(out, "logs")
+    logs = os.path.join(out, "logs", "text2image-fine-tune")
     images, scalars = {}, set()
     for name in os.listdir(logs):
         data = open(os.path.join(logs, name), "rb").read()

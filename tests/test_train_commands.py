@@ -62,7 +62,7 @@ def test_naruto_train_data_dir(tiny_dir, tmp_path):
     assert_diffusers_pipeline(str(out))
     before, after = unet_weights(tiny_dir), unet_weights(str(out))
     assert any(not np.array_equal(before[k], after[k]) for k in before)  # it trained
-    assert glob.glob(str(out / "logs" / "events.out.tfevents.*"))
+    assert glob.glob(str(out / "logs" / "text2image-fine-tune" / "events.out.tfevents.*"))
 
 
 @pytest.mark.slow

@@ -86,7 +86,7 @@ def _demo_args(out, steps, extra=""):
 
 @pytest.mark.slow
 def test_deterministic_and_resume_is_exact(tmp_path, capsys):
-    assert main(_demo_args(tmp_path / "a", 4)) == 0
+    assert main(_demo_args(tmp_path / "a", 4, "--tracker_project_name=minecraft")) == 0
     assert main(_demo_args(tmp_path / "b", 4)) == 0
     a, b = unet_weights(str(tmp_path / "a")), unet_weights(str(tmp_path / "b"))
     for key in a:
@@ -109,9 +109,10 @@ def test_deterministic_and_resume_is_exact(tmp_path, capsys):
     assert all(v.dtype == np.float16 for v in raw.values())
     assert any(not np.array_equal(ema[k].astype(np.float16), raw[k]) for k in ema)
 
-    # TensorBoard got the scalars.
-    events = [f for f in os.listdir(tmp_path / "a" / "logs") if f.startswith("events")]
-    data = (tmp_path / "a" / "logs" / events[0]).read_bytes()
+    # TensorBoard got the scalars, in the run folder named by --tracker_project_name.
+    assert os.listdir(tmp_path / "a" / "logs") == ["minecraft"]
+    events = [f for f in os.listdir(tmp_path / "a" / "logs" / "minecraft") if f.startswith("events")]
+    data = (tmp_path / "a" / "logs" / "minecraft" / events[0]).read_bytes()
     for tag in (b"train/loss", b"train/lr", b"train/grad_norm", b"train/images_per_sec"):
         assert tag in data
 

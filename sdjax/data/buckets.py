@@ -57,10 +57,13 @@ class BucketPlan:
 
     def write_log(self, path: str, names: list) -> None:
         """One line per image with its bucket, written once per run."""
-        with open(path, "w") as f:
-            for name, bucket in zip(names, self.assignment):
-                w, h = self.sizes[bucket]
-                f.write(json.dumps({"image": name, "width": w, "height": h}) + "\n")
+        from sdjax import storage
+
+        lines = []
+        for name, bucket in zip(names, self.assignment):
+            w, h = self.sizes[bucket]
+            lines.append(json.dumps({"image": name, "width": w, "height": h}) + "\n")
+        storage.write_text(path, "".join(lines))
 
     def epoch_groups(self, seed: int, epoch: int, group: int) -> list:
         """This epoch's (bucket, indices) groups of `group` images each: every bucket's images

@@ -3,25 +3,40 @@
 A checkpoint `output_dir/checkpoints/checkpoint_N` holds the train state (UNet params, optimizer
 state, EMA, step) and a JSON record: the run config, where the frozen base weights came from
 (they are not copied), the data position and the sdjax version. Orbax writes each checkpoint
-under a temporary name and renames it when complete, so a save cut short (SIGKILL, preemption)
-is never listed and `latest` is always the last complete one.
+under a temporary name (on a bucket: with a commit marker) and makes it visible when complete,
+so a save cut short (SIGKILL, preemption) is never listed and `latest` is always the last
+complete one.
+
+Branches: a run that continues from a checkpoint older than the newest one in its folder trains
+a new branch. At its first save, the newer checkpoints of the abandoned branch are moved (never
+deleted) to `output_dir/abandoned_checkpoints/after_step_N_<time>/`, so `latest` and every step
+number in `checkpoints/` belong to one line of training.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import re
+import time
 from typing import Optional
 
 import orbax.checkpoint as ocp
 
-from sdjax.errors import ConfigError
+from sdjax import storage
+from sdjax.errors import ConfigError, SdjaxError
+from sdjax.parallel import sync_hosts
 
 PREFIX = "checkpoint"
+ABANDONED = "abandoned_checkpoints"
+_NAME = re.compile(r"checkpoint[-_](\d+)")
 
 
 def checkpoint_dir(output_dir: str) -> str:
-    return os.path.abspath(os.path.join(output_dir, "checkpoints"))
+    return storage.join(storage.absolute(output_dir), "checkpoints")
+
+
+def step_path(directory: str, step: int) -> str:
+    return storage.join(directory, f"{PREFIX}_{step}")
 
 
 def make_manager(directory: str, max_to_keep: Optional[int] = None,
@@ -32,26 +47,55 @@ def make_manager(directory: str, max_to_keep: Optional[int] = None,
     return ocp.CheckpointManager(directory, options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, meta: dict, force: bool = False) -> bool:
-    return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       meta=ocp.args.JsonSave(meta)), force=force)
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    """What --resume_from_checkpoint names: a step of this run (`directory` None; `step` None
+    for latest) or a checkpoint folder anywhere."""
+    step: Optional[int]
+    directory: Optional[str] = None
+
+
+def parse_ref(ref: str) -> CheckpointRef:
+    """`latest`, `N`, `checkpoint-N` (the diffusers name) or `checkpoint_N` (the name sdjax
+    writes) name a checkpoint of this run; a path (local or gs://) names a checkpoint folder."""
+    ref = str(ref).strip()
+    if ref == "latest":
+        return CheckpointRef(None)
+    if re.fullmatch(r"\d+", ref):
+        return CheckpointRef(int(ref))
+    if _NAME.fullmatch(ref):
+        return CheckpointRef(int(_NAME.fullmatch(ref).group(1)))
+    if "/" in ref or storage.exists(ref):
+        match = _NAME.fullmatch(storage.basename(ref))
+        if not match:
+            raise ConfigError(f"--resume_from_checkpoint={ref!r} is not a checkpoint folder "
+                              f"(expected a path ending in {PREFIX}_N)")
+        return CheckpointRef(int(match.group(1)), storage.absolute(storage.dirname(ref)))
+    raise ConfigError(f"--resume_from_checkpoint={ref!r}: give latest, checkpoint-N, N or the "
+                      f"path of a {PREFIX}_N folder")
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, meta: dict, force: bool = False) -> None:
+    """Starts the (async) save of `step`; raises if Orbax declines to write it."""
+    saved = manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=force)
+    if not saved:
+        raise SdjaxError(f"Orbax did not save step {step} in {manager.directory} (its newest "
+                         f"checkpoint is step {manager.latest_step()}); nothing was overwritten")
 
 
 def resolve_step(manager: ocp.CheckpointManager, ref: str) -> Optional[int]:
-    """`latest`, `checkpoint-N` (the diffusers name), `checkpoint_N`, `N`, or a checkpoint path
-    -> a step of this manager, or None for `latest` when there is none yet."""
-    steps = manager.all_steps()
-    if ref == "latest":
+    """A step of this manager named by `ref` (not a path elsewhere); None for `latest` when
+    there is no checkpoint yet."""
+    named = parse_ref(ref)
+    if named.step is None:
         return manager.latest_step()
-    match = re.fullmatch(r"(?:.*/)?(?:checkpoint[-_])?(\d+)/?", ref)
-    if not match:
-        raise ConfigError(f"--resume_from_checkpoint={ref!r}: give latest, checkpoint-N, N or a path")
-    step = int(match.group(1))
-    if step not in steps:
-        have = ", ".join(str(s) for s in steps) or "none"
+    steps = manager.all_steps()
+    if named.step not in steps:
+        have = ", ".join(str(s) for s in sorted(steps)) or "none"
         raise ConfigError(f"checkpoint {ref} does not exist in {manager.directory} "
                           f"(complete checkpoints: {have})")
-    return step
+    return named.step
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple:
@@ -61,16 +105,114 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple:
     return restored["state"], restored["meta"]
 
 
+def open_checkpoint(checkpoint_path: str, what: str = "--checkpoint") -> tuple:
+    """-> (read-only manager, step) of a checkpoint folder `.../checkpoint_N` (local or gs://);
+    refused unless it is complete."""
+    path = storage.absolute(checkpoint_path)
+    match = _NAME.fullmatch(storage.basename(path))
+    if not match:
+        raise ConfigError(f"{what} {checkpoint_path} is not a checkpoint folder "
+                          f"(expected .../checkpoints/{PREFIX}_N)")
+    step = int(match.group(1))
+    if not storage.isdir(path):
+        raise ConfigError(f"{what} {checkpoint_path} does not exist")
+    manager = make_manager(storage.dirname(path), read_only=True)
+    if step not in manager.all_steps():
+        manager.close()
+        raise ConfigError(f"{what} {checkpoint_path} is incomplete (its save was cut short)")
+    return manager, step
+
+
 def read_meta(checkpoint_path: str) -> tuple:
     """-> (manager, step, meta) for a checkpoint folder path (for export)."""
-    path = os.path.abspath(checkpoint_path.rstrip("/"))
-    match = re.fullmatch(rf"{PREFIX}_(\d+)", os.path.basename(path))
-    if not os.path.isdir(path) or not match:
-        raise ConfigError(f"--checkpoint {checkpoint_path} is not a checkpoint folder "
-                          f"(expected .../checkpoints/{PREFIX}_N)")
-    manager = make_manager(os.path.dirname(path), read_only=True)
-    step = int(match.group(1))
-    if step not in manager.all_steps():
-        raise ConfigError(f"--checkpoint {checkpoint_path} is incomplete (its save was cut short)")
+    manager, step = open_checkpoint(checkpoint_path)
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     return manager, step, meta
+
+
+class RunCheckpoints:
+    """The checkpoints of one training run: where it resumes from, and saving that never loses
+    or silently skips a checkpoint.
+
+    Every step reported by `saved` was accepted by Orbax (and exists once `wait` returns).
+    """
+
+    def __init__(self, output_dir: str, max_to_keep: Optional[int], is_main: bool):
+        self.output_dir = storage.absolute(output_dir)
+        self.directory = checkpoint_dir(output_dir)
+        self.manager = make_manager(self.directory, max_to_keep)
+        self.max_to_keep = max_to_keep
+        self.is_main = is_main
+        self.branch_point = 0
+        self.resumed_from: Optional[str] = None
+        self.saved: list = []
+        self._checked_branch = False
+
+    def resume(self, ref: str, abstract_state) -> Optional[tuple]:
+        """-> (state, meta, step) restored from `ref`, or None for `latest` with no checkpoint.
+        The run's branch starts at that step."""
+        named = parse_ref(ref)
+        elsewhere = named.directory is not None and named.directory != self.directory
+        if elsewhere:
+            manager, step = open_checkpoint(step_path(named.directory, named.step),
+                                            "--resume_from_checkpoint")
+        else:
+            manager, step = self.manager, resolve_step(self.manager, ref)
+            if step is None:
+                return None
+        try:
+            state, meta = restore(manager, step, abstract_state)
+        finally:
+            if elsewhere:
+                manager.close()
+        self.branch_point = step
+        self.resumed_from = step_path(named.directory if elsewhere else self.directory, step)
+        return state, meta, step
+
+    def last_good(self) -> str:
+        """The newest complete checkpoint of this branch, in words."""
+        self.manager.wait_until_finished()
+        if self.saved:
+            return step_path(self.directory, self.saved[-1])
+        return self.resumed_from or "none (no checkpoint was saved)"
+
+    def save(self, step: int, state, meta: dict, force: bool = False) -> None:
+        if not self._checked_branch:
+            self._move_aside_newer()
+            self._checked_branch = True
+        if step in self.manager.all_steps():  # this branch saved it already (save and stop)
+            return
+        save(self.manager, step, state, meta, force=force)
+        self.saved.append(step)
+
+    def _move_aside_newer(self) -> None:
+        """Moves the checkpoints after the branch point (another line of training) aside."""
+        newer = sorted(s for s in self.manager.all_steps() if s > self.branch_point)
+        if not newer:
+            return
+        if self.is_main:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            folder = storage.join(self.output_dir, ABANDONED,
+                                  f"after_step_{self.branch_point}_{stamp}")
+            for s in newer:
+                storage.move(step_path(self.directory, s), storage.join(folder, f"{PREFIX}_{s}"))
+            names = ", ".join(f"{PREFIX}_{s}" for s in newer)
+            print(f"note: this run continues from step {self.branch_point}; the newer checkpoints "
+                  f"of the branch it leaves ({names}) were moved to {folder}")
+        sync_hosts("sdjax-checkpoints-moved-aside")
+        self.manager.reload()
+
+    def wait(self) -> None:
+        """Waits for saves in flight; raises if a reported save is not on disk."""
+        self.manager.wait_until_finished()
+        if self.saved:
+            self.manager.reload()
+            have = set(self.manager.all_steps())
+            kept = self.saved[-self.max_to_keep:] if self.max_to_keep else self.saved
+            missing = [s for s in kept if s not in have]
+            if missing:
+                raise SdjaxError(f"checkpoint step {missing[0]} was saved but is not in "
+                                 f"{self.directory}: was the folder changed during the run?")
+
+    def close(self) -> None:
+        self.manager.close()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from typing import Optional
 
@@ -14,15 +12,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import __version__
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from sdjax import __version__, storage
 from sdjax.config import TrainConfig, config_to_dict
 from sdjax.data import Loader, open_dataset
 from sdjax.errors import ConfigError, SdjaxError
-from sdjax.parallel import (global_batch, initialize_distributed, make_mesh, replicate, replicated,
-                            batch_sharded)
+from sdjax.parallel import (batch_sharded, global_batch, initialize_distributed, make_mesh,
+                            replicate, replicated, sync_hosts)
 from sdjax.schedule import NoiseSchedule
 from sdjax.train import checkpoint as ckpt
 from sdjax.train.metrics import MetricsWriter
+from sdjax.train.preemption import Preemption
 from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
 from sdjax.train.step import LossConfig, init_state, make_loss_fn, make_train_step
 
@@ -54,50 +55,31 @@ def host_copy(tree):
     return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-class _Preemption:
-    """SIGTERM (TPU preemption, job schedulers) asks the loop to checkpoint and stop.
-
-    One process: our own handler. Several: JAX's preemption sync point, so that every host
-    stops at the same step (JAX's coordination service listens for the signal)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def close(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
-
-
 def start_run(cfg: TrainConfig, notes: Optional[list]) -> bool:
-    """Validates, starts multi-host JAX, prepares output_dir; -> whether this is process 0."""
+    """Validates and starts multi-host JAX; -> whether this is process 0. Nothing is written yet:
+    output_dir is made once the model and data have loaded (see `prepare_output_dir`)."""
     cfg.validate()
     enable_compilation_cache()
-    initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
+                           cfg.distributed_timeout)
     is_main = jax.process_index() == 0
     for note in notes or []:
         if is_main:
             print(f"note: {note}")
+    return is_main
+
+
+def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> None:
+    """Host 0 makes output_dir (a local folder or a bucket path); every host waits for it."""
     if cfg.output_dir and is_main:
         try:
-            os.makedirs(cfg.output_dir, exist_ok=True)
+            storage.makedirs(cfg.output_dir)
         except OSError as e:
-            raise ConfigError(f"cannot create --output_dir {cfg.output_dir}: {e.strerror}") from None
-        if not os.access(cfg.output_dir, os.W_OK):
+            raise ConfigError(f"cannot create --output_dir {cfg.output_dir}: "
+                              f"{e.strerror or e}") from None
+        if not storage.is_remote(cfg.output_dir) and not os.access(cfg.output_dir, os.W_OK):
             raise ConfigError(f"--output_dir {cfg.output_dir} is not writable")
-    return is_main
+    sync_hosts("sdjax-output-dir")
 
 
 def data_and_model(cfg: TrainConfig, is_main: bool, mesh, use_cache: bool) -> tuple:
@@ -121,6 +103,7 @@ def data_and_model(cfg: TrainConfig, is_main: bool, mesh, use_cache: bool) -> tu
     sd = load_base_model(cfg.pretrained_model_name_or_path, seed, cfg.revision, cfg.variant)
     if sd.tokenizer is None:
         raise ConfigError(f"{cfg.pretrained_model_name_or_path} has no tokenizer/")
+    prepare_output_dir(cfg, is_main)
     buckets = _bucket_plan(cfg, images, is_main) if cfg.enable_bucket else None
     loader = Loader(images, sd.tokenizer, global_batch=global_rows,
                     accumulation_steps=cfg.gradient_accumulation_steps,
@@ -146,6 +129,7 @@ def _stream_and_model(cfg: TrainConfig) -> tuple:
     sd = load_base_model(cfg.pretrained_model_name_or_path, cfg.run_seed, cfg.revision, cfg.variant)
     if sd.tokenizer is None:
         raise ConfigError(f"{cfg.pretrained_model_name_or_path} has no tokenizer/")
+    prepare_output_dir(cfg, jax.process_index() == 0)
     loader = StreamLoader(stream, where, cfg.image_column, cfg.caption_column, sd.tokenizer,
                           global_batch=cfg.train_batch_size * jax.device_count(),
                           accumulation_steps=cfg.gradient_accumulation_steps,
@@ -217,17 +201,17 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     state = jax.jit(lambda p: init_state(p, tx, cfg.use_ema), out_shardings=repl)(
         replicate(sd.params["unet"], mesh))
 
-    manager = ckpt.make_manager(ckpt.checkpoint_dir(cfg.output_dir), cfg.checkpoints_total_limit)
+    checkpoints = ckpt.RunCheckpoints(cfg.output_dir, cfg.checkpoints_total_limit, is_main)
     start_step = 0
     if cfg.resume_from_checkpoint:
-        resume = ckpt.resolve_step(manager, cfg.resume_from_checkpoint)
-        if resume is None:
-            print(f"checkpoint '{cfg.resume_from_checkpoint}' does not exist; starting a new run")
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        resumed = checkpoints.resume(cfg.resume_from_checkpoint, abstract)
+        if resumed is None:
+            if is_main:
+                print(f"no checkpoint in {checkpoints.directory} yet; starting a new run")
         else:
-            abstract = jax.tree_util.tree_map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            state, meta = ckpt.restore(manager, resume, abstract)
-            start_step = int(resume)
+            state, meta, start_step = resumed
             _warn_on_changed_data(meta, global_rows, k, seed, is_main)
 
     step_fn = jax.jit(lambda s, f, b: base_step(s, f, b, base_key),
@@ -256,26 +240,28 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
         # From the cache the step has no VAE or text encoder on the devices; sampling needs both.
         validation = Validation(cfg, sd, models, frozen or frozen_on_devices(), mesh, writer,
                                 is_main, loader.steps_per_epoch)
-    preemption = _Preemption()
-    saved_steps = set(manager.all_steps())
+    preemption = Preemption()
     try:
-        state = _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, writer,
-                           preemption, start_step, max_steps, global_rows * k, is_main, saved_steps,
-                           validation)
+        with logging_redirect_tqdm(loggers=[log]):
+            state = _run_steps(cfg, state, frozen, step_fn, loader, mesh, checkpoints, meta_base,
+                               writer, preemption, start_step, max_steps, global_rows * k, is_main,
+                               validation)
+        checkpoints.wait()
     finally:
-        manager.wait_until_finished()
-        writer.close()
-        preemption.close()
-    if state is None:  # preempted: checkpoint written, no export
-        manager.close()
-        return cfg.output_dir
-    manager.close()
-
-    unet_params = host_copy(state.ema if cfg.use_ema else state.params)
-    if is_main:
-        sd.save_pretrained(cfg.output_dir, params={"unet": unet_params})
-        print(f"saved the {'EMA ' if cfg.use_ema else ''}weights as a diffusers pipeline in "
-              f"{cfg.output_dir}")
+        try:
+            checkpoints.manager.wait_until_finished()
+        finally:
+            writer.close()
+            preemption.close()
+            checkpoints.close()
+    if state is not None:  # None: preempted, checkpoint written, no export
+        unet_params = host_copy(state.ema if cfg.use_ema else state.params)
+        if is_main:
+            with storage.local_folder(cfg.output_dir) as folder:
+                sd.save_pretrained(folder, params={"unet": unet_params})
+            print(f"saved the {'EMA ' if cfg.use_ema else ''}weights as a diffusers pipeline in "
+                  f"{cfg.output_dir}")
+    sync_hosts("sdjax-run-finished")  # no host exits before the export is complete
     return cfg.output_dir
 
 
@@ -285,7 +271,7 @@ def _bucket_plan(cfg: TrainConfig, images, is_main: bool):
     plan = BucketPlan.build(image_sizes(images), cfg.resolution, cfg.min_bucket_reso,
                             cfg.max_bucket_reso, cfg.bucket_reso_steps)
     if is_main:
-        path = os.path.join(cfg.output_dir, "buckets.jsonl")
+        path = storage.join(cfg.output_dir, "buckets.jsonl")
         plan.write_log(path, [images.name(i) for i in range(len(images))])
         used = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(plan.used().items()))
         print(f"aspect-ratio buckets (width x height: images): {used}; each image's bucket is in {path}")
@@ -300,8 +286,29 @@ def _warn_on_changed_data(meta, global_rows, k, seed, is_main):
               "will not see the same samples an uninterrupted run would have")
 
 
-def _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, writer, preemption,
-               start_step, max_steps, images_per_step, is_main, saved_steps, validation=None):
+def _finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+_params_finite = jax.jit(lambda state: _finite((state.params, state.ema)))
+
+
+def _check_finite(values: dict, state, done: int, saving: bool, checkpoints) -> None:
+    """A non-finite loss or gradient norm (and, before a save, non-finite weights: a finite
+    loss does not prove the update was finite) stops the run before it is saved."""
+    bad = [f"{name} is {values[name]}" for name in ("loss", "grad_norm")
+           if name in values and not math.isfinite(values[name])]
+    if not bad and saving and not bool(np.asarray(_params_finite(state).addressable_data(0))):
+        bad = ["the updated weights are not finite"]
+    if bad:
+        raise TrainingStopped(f"{' and '.join(bad)} at step {done}; stopping without saving it. "
+                              f"The last good checkpoint is {checkpoints.last_good()}")
+
+
+def _run_steps(cfg, state, frozen, step_fn, loader, mesh, checkpoints, meta_base, writer,
+               preemption, start_step, max_steps, images_per_step, is_main, validation=None):
     from tqdm.auto import tqdm
 
     if start_step >= max_steps:
@@ -311,7 +318,6 @@ def _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, wr
     batches = loader.iterate(start_step)
     compiled = {}
     window_start, window_steps = time.perf_counter(), 0
-    last_good = max(saved_steps) if saved_steps else None
     try:
         for step in range(start_step, max_steps):
             batch = global_batch(next(batches), mesh, sample_axis=1)
@@ -322,8 +328,8 @@ def _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, wr
                 if is_main:
                     what = ("images", batch["pixel_values"]) if "pixel_values" in batch else (
                         "cached latents", batch["latent_mean"])
-                    print(f"compiled the train step for {what[1].shape[-1]}x{what[1].shape[-2]} "
-                          f"{what[0]} in {time.perf_counter() - t0:.1f} s")
+                    tqdm.write(f"compiled the train step for {what[1].shape[-1]}x"
+                               f"{what[1].shape[-2]} {what[0]} in {time.perf_counter() - t0:.1f} s")
                 window_start, window_steps = time.perf_counter(), 0
             state, metrics = compiled[shape](state, frozen, batch)
             window_steps += 1
@@ -333,11 +339,7 @@ def _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, wr
             stop_now = preemption.should_stop(done)
             if log_now or save_now or stop_now:
                 values = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
-                if not math.isfinite(values["loss"]):
-                    kept = f"checkpoint_{last_good}" if last_good is not None else "no checkpoint"
-                    raise TrainingStopped(f"loss is {values['loss']} at step {done}; stopping. The "
-                                          f"last good checkpoint is {kept} in "
-                                          f"{ckpt.checkpoint_dir(cfg.output_dir)}")
+                _check_finite(values, state, done, save_now or stop_now, checkpoints)
                 elapsed = time.perf_counter() - window_start
                 values["images_per_sec"] = window_steps * images_per_step / max(elapsed, 1e-9)
                 writer.scalars(done, values)
@@ -347,13 +349,12 @@ def _run_steps(cfg, state, frozen, step_fn, loader, mesh, manager, meta_base, wr
             bar.update(1)
             if save_now or stop_now:
                 meta = dict(meta_base, step=done, micro_batches_consumed=done * loader.k)
-                ckpt.save(manager, done, state, meta, force=stop_now)
-                last_good = done
+                checkpoints.save(done, state, meta, force=stop_now)
             if stop_now:
-                manager.wait_until_finished()
+                checkpoints.wait()
                 if is_main:
-                    print(f"stopped by SIGTERM at step {done}: checkpoint saved; continue with "
-                          "--resume_from_checkpoint latest")
+                    tqdm.write(f"stopped by SIGTERM at step {done}: checkpoint saved; continue "
+                               "with --resume_from_checkpoint latest")
                 return None
             if validation is not None and validation.due(done, max_steps):
                 validation.run(done, state)

@@ -1,11 +1,18 @@
-"""Scalars and validation images to TensorBoard (output_dir/logs) and, when asked and installed, Weights & Biases."""
+"""Scalars and validation images to TensorBoard and, when asked and installed, Weights & Biases.
+
+Both carry --tracker_project_name as diffusers' scripts do through accelerate: the W&B project,
+and the TensorBoard run folder `output_dir/logs/<tracker_project_name>`."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
+from sdjax import storage
 from sdjax.errors import ConfigError
+
+
+def tensorboard_dir(cfg) -> str:
+    return storage.join(cfg.output_dir, cfg.logging_dir, cfg.tracker_project_name)
 
 
 class MetricsWriter:
@@ -17,13 +24,14 @@ class MetricsWriter:
         if cfg.report_to in ("tensorboard", "all"):
             from tensorboardX import SummaryWriter
 
-            self.tensorboard = SummaryWriter(os.path.join(cfg.output_dir, cfg.logging_dir))
+            self.tensorboard = SummaryWriter(tensorboard_dir(cfg))
         if cfg.report_to in ("wandb", "all"):
             try:
                 import wandb
             except ImportError:
                 raise ConfigError("--report_to wandb needs wandb: `pip install wandb`") from None
-            self.wandb = wandb.init(project="sdjax", config=dataclasses.asdict(cfg))
+            self.wandb = wandb.init(project=cfg.tracker_project_name, config=dataclasses.asdict(cfg),
+                                    dir=None if storage.is_remote(cfg.output_dir) else cfg.output_dir)
 
     def scalars(self, step: int, values: dict, prefix: str = "train") -> None:
         if self.tensorboard is not None:

@@ -1,0 +1,117 @@
+"""Where a run's files live: a local folder or a bucket (`gs://bucket/run`), through etils.epath.
+
+Orbax reads and writes checkpoints at either kind of path itself; everything else sdjax writes
+(logs, images, JSON, the exported pipeline) goes through these few functions, so that a path is
+never turned into a local folder named `gs:` by `os.path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+from etils import epath
+
+
+def is_remote(path) -> bool:
+    return "://" in str(path)
+
+
+def absolute(path) -> str:
+    """The path as a string: absolute when local, unchanged when it is a URL."""
+    path = str(path)
+    return path.rstrip("/") if is_remote(path) else os.path.abspath(path)
+
+
+def join(base, *parts: str) -> str:
+    if is_remote(base):
+        return "/".join([str(base).rstrip("/")] + [p.strip("/") for p in parts])
+    return os.path.join(str(base), *parts)
+
+
+def basename(path) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def dirname(path) -> str:
+    path = str(path).rstrip("/")
+    return path.rsplit("/", 1)[0] if is_remote(path) else os.path.dirname(path)
+
+
+def exists(path) -> bool:
+    return epath.Path(str(path)).exists()
+
+
+def isdir(path) -> bool:
+    return epath.Path(str(path)).is_dir()
+
+
+def listdir(path) -> list:
+    folder = epath.Path(str(path))
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def makedirs(path) -> None:
+    epath.Path(str(path)).mkdir(parents=True, exist_ok=True)
+
+
+def write_bytes(path, data: bytes) -> None:
+    """A local file is written under a temporary name and renamed, so no reader sees half of
+    it; an object store makes an object visible only once it is whole."""
+    if is_remote(path):
+        epath.Path(str(path)).write_bytes(data)
+        return
+    partial = f"{path}.partial"
+    with open(partial, "wb") as f:
+        f.write(data)
+    os.replace(partial, path)
+
+
+def write_text(path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def read_text(path) -> str:
+    return epath.Path(str(path)).read_text()
+
+
+def move(source, destination) -> None:
+    """Moves a file or folder (on a bucket: copies each object, then deletes the originals)."""
+    if not is_remote(source) and not is_remote(destination):
+        os.makedirs(os.path.dirname(str(destination)), exist_ok=True)
+        os.replace(str(source), str(destination))
+        return
+    copy_tree(source, destination)
+    epath.Path(str(source)).rmtree()
+
+
+def copy_tree(source, destination) -> None:
+    source, destination = epath.Path(str(source)), epath.Path(str(destination))
+    if not source.is_dir():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        source.copy(destination, overwrite=True)
+        return
+    for folder, _, files in source.walk():
+        target = destination / folder.relative_to(source)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            (folder / name).copy(target / name, overwrite=True)
+
+
+@contextlib.contextmanager
+def local_folder(destination) -> Iterator[str]:
+    """A local folder to write `destination`'s files into: `destination` itself when it is
+    local; otherwise a temporary folder that is uploaded when the block ends without error."""
+    if not is_remote(destination):
+        os.makedirs(str(destination), exist_ok=True)
+        yield str(destination)
+        return
+    staging = tempfile.mkdtemp(prefix="sdjax-upload-")
+    try:
+        yield staging
+        copy_tree(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
