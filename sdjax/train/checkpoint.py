@@ -100,8 +100,13 @@ def resolve_step(manager: ocp.CheckpointManager, ref: str) -> Optional[int]:
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple:
     """-> (state laid out like `abstract_state`, metadata dict)."""
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except ValueError as e:
+        detail = " ".join(str(e).split())[:240]
+        raise ConfigError(f"checkpoint step {step} in {manager.directory} does not fit this run's "
+                          f"training state (another model or --use_ema setting?): {detail}") from None
     return restored["state"], restored["meta"]
 
 

@@ -36,11 +36,11 @@ def learning_rate_schedule(name: str, peak: float, warmup_steps: int, total_step
 
 def make_optimizer(schedule, *, beta1: float, beta2: float, eps: float, weight_decay: float,
                    max_grad_norm: float) -> optax.GradientTransformation:
-    parts = []
-    if max_grad_norm and max_grad_norm > 0:
-        parts.append(optax.clip_by_global_norm(max_grad_norm))
-    parts.append(optax.adamw(schedule, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay))
-    return optax.chain(*parts)
+    # Clipping stays in the chain when off (an infinite norm), so that the optimizer state has
+    # one structure and a checkpoint resumes whatever --max_grad_norm the new run gives.
+    limit = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
+    return optax.chain(optax.clip_by_global_norm(limit),
+                       optax.adamw(schedule, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay))
 
 
 def ema_decay(optimizer_steps, max_decay: float = 0.9999):
