@@ -23,8 +23,12 @@ import numpy as np
 from sdjax.errors import SdjaxError, WeightsError
 from sdjax.hub import COMPONENT_KINDS, resolve_model_dir
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from sdjax.models.attention import attention_plan_message, check_attention_implementation
+from sdjax.models.clip import plan_attention as plan_clip_attention
 from sdjax.models.config import clip_text_config, unet_config, vae_config
 from sdjax.models.init import random_params
+from sdjax.models.unet import plan_attention as plan_unet_attention
+from sdjax.models.vae import plan_attention as plan_vae_attention
 from sdjax.weights.convert import load_params
 from sdjax.weights.files import find_weights, open_weights
 from sdjax.weights.export import write_pipeline
@@ -62,16 +66,38 @@ def _dummy_inputs(component: str, config) -> tuple:
 
 def build_models(configs: Mapping[str, dict], dtype=None, attention_implementation="xla",
                  gradient_checkpointing: bool = False, remat_policy: str = "nothing_saveable"):
-    """Linen modules from the raw config dicts of 'unet', 'vae' and 'text_encoder'."""
+    """Linen modules from the raw config dicts of 'unet', 'vae' and 'text_encoder'.
+
+    A `cudnn` attention request is resolved here, per attention site, so that cuDNN only gets
+    the shapes and dtypes it takes (`sdjax.models.attention.choose_attention_implementation`):
+    the rest (anything float32, the VAE's 512-wide single head, UNet levels with head dims over
+    128) runs XLA, and one line on the `sdjax` logger says which is which. `xla` and None (JAX
+    picks) reach every module unchanged.
+    """
     dtype = dtype or jnp.float32
+    check_attention_implementation(attention_implementation)
     remat = dict(gradient_checkpointing=gradient_checkpointing, remat_policy=remat_policy)
+    parsed = {"unet": unet_config(configs["unet"]), "vae": vae_config(configs["vae"]),
+              "text_encoder": clip_text_config(configs["text_encoder"])}
+    planners = {"unet": plan_unet_attention, "vae": plan_vae_attention,
+                "text_encoder": plan_clip_attention}
+    implementations, choices = {}, []
+    for component, plan in planners.items():
+        implementations[component], component_choices = plan(
+            parsed[component], attention_implementation, dtype)
+        choices += component_choices
+    message = attention_plan_message(attention_implementation, choices)
+    if message:
+        fell_back = any(c.implementation != attention_implementation for c in choices)
+        logging.getLogger("sdjax").log(logging.WARNING if fell_back else logging.INFO, message)
     return {
-        "unet": UNet2DConditionModel(unet_config(configs["unet"]), dtype=dtype,
-                                     attention_implementation=attention_implementation, **remat),
-        "vae": AutoencoderKL(vae_config(configs["vae"]), dtype=dtype,
-                             attention_implementation=attention_implementation),
-        "text_encoder": CLIPTextModel(clip_text_config(configs["text_encoder"]), dtype=dtype,
-                                      attention_implementation=attention_implementation, **remat),
+        "unet": UNet2DConditionModel(parsed["unet"], dtype=dtype,
+                                     attention_implementation=implementations["unet"], **remat),
+        "vae": AutoencoderKL(parsed["vae"], dtype=dtype,
+                             attention_implementation=implementations["vae"]),
+        "text_encoder": CLIPTextModel(parsed["text_encoder"], dtype=dtype,
+                                      attention_implementation=implementations["text_encoder"],
+                                      **remat),
     }
 
 

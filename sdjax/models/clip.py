@@ -7,13 +7,14 @@ Parameter names follow transformers' former FlaxCLIPTextModel:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.attention import attention, check_attention_implementation
+from sdjax.models.attention import (AttentionChoice, AttentionSite, attention,
+                                    check_attention_implementation)
 from sdjax.models.config import CLIPTextConfig
 from sdjax.models.layers import maybe_remat
 
@@ -21,6 +22,22 @@ ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
+
+
+def plan_attention(config: CLIPTextConfig, requested: Optional[str],
+                   dtype) -> Tuple[Optional[str], List[AttentionChoice]]:
+    """Resolves an attention request for the text encoder: (the module's
+    `attention_implementation`, the choice made for its layers, which all look alike).
+
+    The layers' self-attention is causal over max_position_embeddings tokens (77) with no mask
+    array, as sdjax calls the encoder (no `attention_mask`); a call that passes one runs XLA,
+    see `CLIPAttention`.
+    """
+    length = config.max_position_embeddings
+    heads = config.num_attention_heads
+    choice = AttentionSite("text_encoder", "layers", heads, config.hidden_size // heads, length,
+                           length, is_causal=True).choose(requested, dtype)
+    return choice.implementation, [choice]
 
 
 class CLIPAttention(nn.Module):
@@ -34,7 +51,13 @@ class CLIPAttention(nn.Module):
         q = nn.Dense(d, dtype=self.dtype, name="q_proj")(x)
         k = nn.Dense(d, dtype=self.dtype, name="k_proj")(x)
         v = nn.Dense(d, dtype=self.dtype, name="v_proj")(x)
-        out = attention(q, k, v, heads, mask=mask, is_causal=True, implementation=self.implementation)
+        implementation = self.implementation
+        if mask is not None and implementation == "cudnn":
+            # cuDNN needs a bias/mask of (B, N, T, S) exactly, and this key-padding mask is
+            # (B, 1, 1, S): the one call-time case choose_attention_implementation's has_mask
+            # rule covers, since build time cannot know whether callers pass attention_mask.
+            implementation = "xla"
+        out = attention(q, k, v, heads, mask=mask, is_causal=True, implementation=implementation)
         return nn.Dense(d, dtype=self.dtype, name="out_proj")(out)
 
 

@@ -8,13 +8,16 @@ everything inside is NHWC.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sdjax.models.attention import Transformer2DModel, check_attention_implementation
+from sdjax.errors import ConfigError
+from sdjax.models.attention import (AttentionChoice, AttentionSite, Transformer2DModel,
+                                    check_attention_implementation)
 from sdjax.models.config import UNetConfig
 from sdjax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm, maybe_remat
 
@@ -42,12 +45,42 @@ class TimestepEmbedding(nn.Module):
         return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
 
 
+def plan_attention(config: UNetConfig, requested: Optional[str],
+                   dtype) -> Tuple[Any, List[AttentionChoice]]:
+    """Resolves an attention request per block level: (the module's `attention_implementation`,
+    the choice made for each attention block, in model order).
+
+    All attention of one level (self- and cross-attention of the down block, the up block, and
+    at the last level the mid block) has the same heads and head dim, so one choice per level.
+    The value is a single implementation where all levels agree, else a tuple with one entry per
+    level. Image and text lengths depend on the inputs; no mask is used and nothing is causal.
+    """
+    channels, heads = config.block_out_channels, config.heads_per_block
+    last = len(channels) - 1
+    per_level = [AttentionSite("unet", f"level {i}", heads[i], channels[i] // heads[i])
+                 for i in range(len(channels))]
+    names = [(f"down_blocks_{i}", i) for i, t in enumerate(config.down_block_types)
+             if t == "CrossAttnDownBlock2D"]
+    names.append(("mid_block", last))
+    names += [(f"up_blocks_{i}", last - i) for i, t in enumerate(config.up_block_types)
+              if t == "CrossAttnUpBlock2D"]
+    choices = [dataclasses.replace(per_level[level], name=name).choose(requested, dtype)
+               for name, level in names]
+    levels = tuple(site.choose(requested, dtype).implementation for site in per_level)
+    return (levels[0] if len(set(levels)) == 1 else levels), choices
+
+
 class _UNetPart(nn.Module):
-    """Shared settings of the UNet's blocks; subclasses build the resnets and transformers."""
+    """Shared settings of the UNet's blocks; subclasses build the resnets and transformers.
+
+    `attention_implementation` is one implementation for all attention, or a tuple with one per
+    block level (`block_out_channels` order; the mid block uses the last), as `plan_attention`
+    resolves a request. The UNet hands each block its level's entry.
+    """
 
     config: UNetConfig
     dtype: Any = jnp.float32
-    attention_implementation: Optional[str] = "xla"
+    attention_implementation: Any = "xla"
     gradient_checkpointing: bool = False
     remat_policy: str = "nothing_saveable"
 
@@ -65,11 +98,26 @@ class _UNetPart(nn.Module):
             gradient_checkpointing=self.gradient_checkpointing, remat_policy=self.remat_policy,
             dtype=self.dtype, name=name)
 
-    def settings(self):
+    def settings(self, level: Optional[int] = None):
+        """The fields a block shares with its parent; with `level`, that level's attention."""
+        implementation = self.attention_implementation
+        if level is not None and isinstance(implementation, tuple):
+            implementation = implementation[level]
         return dict(config=self.config, dtype=self.dtype,
-                    attention_implementation=self.attention_implementation,
+                    attention_implementation=implementation,
                     gradient_checkpointing=self.gradient_checkpointing,
                     remat_policy=self.remat_policy)
+
+    def check_attention_implementation(self):
+        implementation = self.attention_implementation
+        if not isinstance(implementation, tuple):
+            check_attention_implementation(implementation)
+            return
+        if len(implementation) != len(self.config.block_out_channels):
+            raise ConfigError(f"attention_implementation has {len(implementation)} entries for "
+                              f"{len(self.config.block_out_channels)} UNet block levels")
+        for entry in implementation:
+            check_attention_implementation(entry)
 
 
 class DownBlock(_UNetPart):
@@ -129,7 +177,7 @@ class UNet2DConditionModel(_UNetPart):
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states):
-        check_attention_implementation(self.attention_implementation)
+        self.check_attention_implementation()
         cfg = self.config
         channels = cfg.block_out_channels
         heads = cfg.heads_per_block
@@ -151,12 +199,12 @@ class UNet2DConditionModel(_UNetPart):
         skips = [x]
         for i, block_type in enumerate(cfg.down_block_types):
             x, block_skips = DownBlock(
-                **self.settings(), out_channels=channels[i],
+                **self.settings(i), out_channels=channels[i],
                 heads=heads[i] if block_type == "CrossAttnDownBlock2D" else None,
                 add_downsample=i < last, name=f"down_blocks_{i}")(x, temb, context)
             skips += block_skips
 
-        x = MidBlock(**self.settings(), name="mid_block")(x, temb, context)
+        x = MidBlock(**self.settings(last), name="mid_block")(x, temb, context)
 
         per_up_block = cfg.layers_per_block + 1
         for i, block_type in enumerate(cfg.up_block_types):
@@ -164,7 +212,7 @@ class UNet2DConditionModel(_UNetPart):
             # Upsample to the next skip's size: 2x, except after an odd side was downsampled.
             size = tuple(skips[-1].shape[1:3]) if skips else None
             x = UpBlock(
-                **self.settings(), out_channels=channels[last - i],
+                **self.settings(last - i), out_channels=channels[last - i],
                 heads=heads[last - i] if block_type == "CrossAttnUpBlock2D" else None,
                 add_upsample=i < last, name=f"up_blocks_{i}")(x, block_skips, temb, context, size)
 

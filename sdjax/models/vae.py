@@ -9,18 +9,37 @@ Parameter names follow diffusers' former Flax VAE (mid-block attention as
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.attention import attention, check_attention_implementation
+from sdjax.models.attention import (AttentionChoice, AttentionSite, attention,
+                                    check_attention_implementation)
 from sdjax.models.config import VAEConfig
 from sdjax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
 VAE_EPS = 1e-6
+
+
+def plan_attention(config: VAEConfig, requested: Optional[str],
+                   dtype) -> Tuple[Optional[str], List[AttentionChoice]]:
+    """Resolves an attention request for the VAE: (the module's `attention_implementation`, the
+    choice made for each attention, in model order).
+
+    The only attention is the encoder's and the decoder's mid-block self-attention: one head as
+    wide as the last block (512 channels in SD's VAE, beyond cuDNN's head dims). A VAE without
+    it (`mid_block_add_attention: false`) has no attention to run on cuDNN: it gets "xla" for a
+    cudnn request (so "cudnn" is only ever set where cuDNN takes the attention).
+    """
+    if not config.mid_block_add_attention:
+        return ("xla" if requested == "cudnn" else requested), []
+    width = config.block_out_channels[-1]
+    choices = [AttentionSite("vae", f"{part}/mid_block", 1, width).choose(requested, dtype)
+               for part in ("encoder", "decoder")]
+    return choices[0].implementation, choices
 
 
 @flax.struct.dataclass
