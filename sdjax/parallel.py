@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import time
 from typing import Optional
 
 import jax
@@ -80,6 +83,13 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     if num_processes == 1:
         return
     detected = multi_process_environment()
+    if detected or coordinator_address:
+        # If JAX's coordination client gives up it aborts the process (no Python error to
+        # catch), so say first what is being started.
+        print(f"multi-host: starting JAX's distributed runtime ({detected or 'coordinator ' + coordinator_address}); "
+              f"waiting up to {timeout_seconds} s for the other processes", file=sys.stderr, flush=True)
+    if coordinator_address and process_id not in (None, 0):
+        _wait_for_coordinator(coordinator_address, timeout_seconds, detected)
     try:
         if coordinator_address:
             # CPU collectives across processes (how multi-host is tested on one machine); the
@@ -91,7 +101,7 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
             return
         jax.distributed.initialize(initialization_timeout=timeout_seconds)
     except Exception as e:  # noqa: BLE001 -- whatever JAX raised, say it in one line
-        what = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        what = (str(e).strip().splitlines() or [type(e).__name__])[0][:300].rstrip(".")
         if coordinator_address or detected:
             raise DistributedStartError(
                 f"this process is one of several ({detected or 'coordinator ' + coordinator_address}), "
@@ -106,6 +116,29 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 
 class DistributedStartError(SdjaxError):
     """Multi-host start-up failed where the environment asked for it."""
+
+
+def _wait_for_coordinator(address: str, timeout_seconds: int, detected: Optional[str]) -> None:
+    """Waits until the coordinator's port accepts connections; DistributedStartError if it does
+    not within the timeout (rather than JAX aborting the process)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout_seconds
+    error = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)),
+                                          timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                return
+        except (OSError, ValueError) as e:
+            error = e
+            time.sleep(0.5)
+    reason = getattr(error, "strerror", None) or str(error) or "no answer"
+    raise DistributedStartError(
+        f"this process is one of several ({detected or 'coordinator ' + address}), but the "
+        f"coordinator {address} did not answer within {timeout_seconds} s ({reason}): start "
+        "process 0 first, check the address and port (--coordinator_address), or raise "
+        "--distributed_timeout")
 
 
 def _distributed_is_initialized() -> bool:
