@@ -25,7 +25,8 @@ import numpy as np
 
 from sdjax.data import latent_cache as lc
 from sdjax.errors import ConfigError
-from sdjax.parallel import batch_sharded, global_batch, local_rows, replicate, replicated
+from sdjax.parallel import (batch_sharded, global_batch, hosts_agree, local_rows, replicate,
+                            replicated, sync_hosts)
 
 
 def cache_directory(cfg) -> str:
@@ -61,11 +62,13 @@ def open_or_build(cfg, sd, images, loader, buckets, mesh, is_main: bool, rebuild
     directory = cache_directory(cfg)
     key = cache_key(cfg, sd, images)
     if not rebuild:
-        cache = lc.LatentCache.open(directory, key)
+        cache = _open_on_every_host(directory, key)
         if cache is not None:
             if is_main:
                 print(f"latent cache: using {directory} ({len(cache)} images)")
             return cache
+    else:
+        _agree(directory, key, "to be rebuilt")
     if is_main and not cfg.center_crop:
         print("note: with a random crop, the latent cache holds one crop per image, drawn when "
               "the cache is built (pass --center_crop for the crop an uncached run sees)")
@@ -73,11 +76,30 @@ def open_or_build(cfg, sd, images, loader, buckets, mesh, is_main: bool, rebuild
     return lc.LatentCache.open(directory, key)
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+def _open_on_every_host(directory: str, key: dict):
+    """The cache, when every host finds the same one for the same key. Hosts that disagree
+    (other data or flags on one host, or a folder that is not shared) all stop with the same
+    error rather than some building while the others wait for them."""
+    mismatch = None
+    try:
+        cache = lc.LatentCache.open(directory, key)
+        found = "ready" if cache is not None else "absent"
+    except lc.CacheMismatch as e:
+        cache, mismatch, found = None, e, f"refused ({e})"
+    _agree(directory, key, found)
+    if mismatch is not None:
+        raise mismatch
+    return cache
 
-        multihost_utils.sync_global_devices(name)
+
+def _agree(directory: str, key: dict, found: str) -> None:
+    if not hosts_agree(json.dumps([key, found], sort_keys=True)):
+        raise lc.CacheMismatch(
+            f"the hosts disagree about the latent cache in {directory}: process "
+            f"{jax.process_index()} has {lc.describe_key(key)} and finds the cache {found}; "
+            "give every host the same data, model and flags, and a --latent_cache_dir that all "
+            "of them share")
+
 
 
 def _encoders(sd, mesh, dtype):
@@ -132,7 +154,7 @@ def build(directory, key, cfg, sd, images, loader, buckets, mesh, is_main: bool)
         for stale in (lc.MANIFEST, "samples.npy", "captions.json"):
             if os.path.exists(os.path.join(directory, stale)):  # the old cache is invalid from here
                 os.remove(os.path.join(directory, stale))
-    _barrier("sdjax-cache-start")
+    sync_hosts("sdjax-cache-start")
 
     groups = (np.asarray(buckets.assignment) if buckets is not None
               else np.zeros(len(images), np.int64))
@@ -178,7 +200,7 @@ def build(directory, key, cfg, sd, images, loader, buckets, mesh, is_main: bool)
         _run_job(caption_chunks, read_captions, encode_text, mesh, writer.write, bar)
         writer.close()
     bar.close()
-    _barrier("sdjax-cache-written")
+    sync_hosts("sdjax-cache-written")
 
     if is_main:
         samples = np.zeros((len(images), 3), np.int64)
@@ -194,7 +216,7 @@ def build(directory, key, cfg, sd, images, loader, buckets, mesh, is_main: bool)
             "global_rows": global_rows, "images": len(images), "captions": len(captions)})
         print(f"latent cache: encoded {len(images)} images ({views} view(s) each) and "
               f"{len(captions)} captions into {directory} in {time.perf_counter() - t0:.1f} s")
-    _barrier("sdjax-cache-done")
+    sync_hosts("sdjax-cache-done")
 
 
 class _ShardWriter:

@@ -187,3 +187,43 @@ def test_cache_from_a_tfds_data_set(tfds_dir, tmp_path):
     sd = load_base_model("tiny", 0)
     cache = LatentCache.open(cache_directory(cfg), cache_key(cfg, sd, images))
     assert len(cache) == 12 and images.captions[0] in cache._caption_row
+
+
+def _copy_with_new_times(source, destination):
+    """A host's own copy of the data: another path, other modification times."""
+    copy = shutil.copytree(source, destination)
+    for name in os.listdir(copy):
+        os.utime(copy / name, (1_000_000_000, 1_000_000_000))
+    return copy
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "caption_files", "saved_dataset"])
+def test_the_data_key_is_the_same_for_every_copy_of_the_data(layout, tmp_path, caption_folder):
+    from sdjax.data.latent_cache import data_fingerprint
+
+    source = caption_folder if layout == "caption_files" else DEMO_DATA
+    if layout == "saved_dataset":
+        import datasets
+
+        datasets.load_dataset("imagefolder", data_dir=DEMO_DATA, split="train").save_to_disk(
+            str(tmp_path / "saved"))
+        source = tmp_path / "saved"
+    host0 = _copy_with_new_times(source, tmp_path / "host0" / "data")
+    host1 = _copy_with_new_times(source, tmp_path / "elsewhere" / "host1-data")
+    os.utime(next(p for p in host1.iterdir() if p.suffix in (".png", ".arrow")), (7, 7))
+    flag = "dataset_name" if layout == "saved_dataset" else "train_data_dir"
+    keys = [data_fingerprint(open_dataset(**{flag: str(h)})) for h in (host0, host1)]
+    assert keys[0] == keys[1]
+    # ... and a changed image changes it.
+    if layout == "saved_dataset":
+        import datasets
+
+        data = datasets.load_from_disk(str(host1)).map(
+            lambda row, i: {"image": row["image"].rotate(90) if i == 3 else row["image"]},
+            with_indices=True)
+        host1 = tmp_path / "changed"
+        data.save_to_disk(str(host1))
+    else:
+        image = next(p for p in sorted(host1.iterdir()) if p.suffix == ".png")
+        Image.open(image).rotate(90).save(image)
+    assert data_fingerprint(open_dataset(**{flag: str(host1)})) != keys[0]

@@ -94,12 +94,17 @@ def _mixed_images(root):
 def test_two_hosts_share_buckets_and_the_latent_cache(tmp_path):
     """2 processes x 2 devices: every step's batch comes from one bucket, the hosts' rows are
     disjoint and together are exactly the 1-host step; the cache both hosts build and read
-    holds what one host builds."""
+    holds what one host builds. Host 1 reads its own copy of the images (another path, other
+    modification times), as pod workers with local disks do."""
     import json
+    import shutil
 
     data = _mixed_images(tmp_path / "mixed")
+    copy = shutil.copytree(data, tmp_path / "host1-disk" / "mixed")
+    for name in os.listdir(copy):
+        os.utime(copy / name, (1_000_000_000, 1_000_000_000))
 
-    def command(result, out, extra=()):
+    def command(result, out, extra=(), data=data):
         return [sys.executable, "-m", "tests.multihost_data", str(result),
                 "--pretrained_model_name_or_path=tiny", f"--train_data_dir={data}",
                 "--resolution=32", "--enable_bucket", "--min_bucket_reso=16",
@@ -112,9 +117,9 @@ def test_two_hosts_share_buckets_and_the_latent_cache(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     port = _free_port()
     procs = [subprocess.Popen(command(tmp_path / f"host{i}.json", tmp_path / "two", [
-        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]),
-        env=_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
+        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+        data=[data, copy][i]), env=_env(2), cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         for p in procs:
             _, err = p.communicate(timeout=600)
@@ -141,3 +146,32 @@ def test_two_hosts_share_buckets_and_the_latent_cache(tmp_path):
     assert len(seen) == len(set(seen)) == 24  # one epoch: every image once, on one host
     cache = tmp_path / "two" / "latent_cache"
     assert {p.name for p in cache.glob("text-host*.npy")} == {"text-host000.npy", "text-host001.npy"}
+
+
+def test_hosts_with_different_data_all_stop(tmp_path):
+    """One host's copy of the data differs: every host stops with the same message, none is
+    left waiting for the others at a barrier."""
+    import shutil
+
+    data = shutil.copytree(DEMO_DATA, tmp_path / "host1-data")
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    (data / "metadata.jsonl").write_text("\n".join(lines[:-1] + [lines[-1].replace("triangle",
+                                                                                   "cone")]) + "\n")
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "tests.multihost_data", str(tmp_path / f"host{i}.json"),
+         "--pretrained_model_name_or_path=tiny", f"--train_data_dir={[DEMO_DATA, data][i]}",
+         "--resolution=32", "--center_crop", "--train_batch_size=1", f"--output_dir={tmp_path / 'o'}",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+        env=_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    try:
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, err) in enumerate(zip(procs, errors)):
+        assert p.returncode != 0, err[-2000:]
+        assert f"the hosts disagree about the latent cache" in err and f"process {i} has" in err
+    assert not (tmp_path / "o" / "latent_cache" / "manifest.json").exists()

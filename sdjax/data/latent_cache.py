@@ -54,20 +54,13 @@ def fingerprint_tree(tree) -> str:
 
 
 def data_fingerprint(images) -> str:
-    """A digest of the data set: where each image is (and its size and mtime when it is a file),
-    or the Hugging Face dataset's own fingerprint, and every caption."""
+    """A digest of the data set: every image's content identity (its path below the data
+    folder, size and sampled bytes: the same on every host holding a copy of the files, also
+    when their modification times differ) and every caption."""
     digest = hashlib.blake2b(digest_size=12)
-    dataset = getattr(images, "dataset", None)
-    if dataset is not None and getattr(dataset, "_fingerprint", None):
-        digest.update(f"hf:{dataset._fingerprint};".encode())
     digest.update(f"{getattr(images, 'identity', '')};".encode())
-    for i in range(len(images)):
-        name = images.name(i)
-        stamp = ""
-        if os.path.isfile(name):
-            st = os.stat(name)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        digest.update(f"{name}|{stamp}|{json.dumps(images.caption(i))};".encode())
+    for content, caption in zip(images.contents(), images.captions):
+        digest.update(f"{content}|{json.dumps(caption)};".encode())
     return digest.hexdigest()
 
 

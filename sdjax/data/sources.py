@@ -13,6 +13,7 @@ exist, there are images, every image has a caption (unless empty captions are al
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import Optional
@@ -45,6 +46,11 @@ class CaptionedImages:
         """How to name sample `index` in a message (a file path where there is one)."""
         return f"image {int(index)} of {self.where}"
 
+    def contents(self) -> list:
+        """One string per sample that changes when its image does and is the same on every
+        host holding a copy of the data (no absolute paths, no modification times)."""
+        return [f"{getattr(self, 'identity', '')}#{i}" for i in range(len(self))]
+
 
 class HFImages(CaptionedImages):
     def __init__(self, dataset, image_column: str, caption_column: str, where: str):
@@ -55,6 +61,26 @@ class HFImages(CaptionedImages):
 
     def image(self, index: int) -> Image.Image:
         return self.dataset[int(index)][self.image_column]
+
+    def contents(self) -> list:
+        """Read from the Arrow column without decoding: the embedded bytes (size and sampled
+        digest), or for an imagefolder the file it points to. The dataset's own fingerprint
+        is not used: for local files it includes their modification times."""
+        column = self.dataset.features.get(self.image_column)
+        if type(column).__name__ != "Image":
+            return [f"{self.dataset._fingerprint}#{i}" for i in range(len(self))]
+        table = self.dataset.with_format("arrow")
+        found = []
+        for start in range(0, len(self), 1024):
+            values = table[start:start + 1024].column(self.image_column).combine_chunks()
+            data, paths = values.field("bytes"), values.field("path")
+            for i in range(len(values)):
+                blob = data[i].as_buffer() if data[i].is_valid else None
+                if blob is not None:
+                    found.append(sampled_digest(memoryview(blob)))
+                else:
+                    found.append(file_identity(paths[i].as_py(), self.where))
+        return found
 
 
 class TFDSImages(CaptionedImages):
@@ -91,6 +117,36 @@ class FolderImages(CaptionedImages):
 
     def name(self, index: int) -> str:
         return self.paths[int(index)]
+
+    def contents(self) -> list:
+        return [file_identity(path, self.where) for path in self.paths]
+
+
+_SAMPLE = 1 << 16
+
+
+def sampled_digest(data) -> str:
+    """Size and a digest of the first and last 64 KiB: cheap for any data set size, and an
+    edited or re-encoded image changes it."""
+    size = len(data)
+    head = bytes(data[:_SAMPLE])
+    tail = bytes(data[max(_SAMPLE, size - _SAMPLE):])
+    return f"{size}:{hashlib.blake2b(head + tail, digest_size=10).hexdigest()}"
+
+
+def file_identity(path: str, root: str) -> str:
+    """The file's path below `root` (the same for every copy of the data) and its content."""
+    relative = os.path.relpath(path, root) if root and os.path.isdir(root) else os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(_SAMPLE)
+            f.seek(max(_SAMPLE, size - _SAMPLE))
+            tail = f.read(_SAMPLE)
+    except OSError:
+        return f"{relative}|unreadable"
+    digest = hashlib.blake2b(head + tail, digest_size=10).hexdigest()
+    return f"{relative}|{size}:{digest}"
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -315,3 +371,7 @@ class _Subset(CaptionedImages):
 
     def name(self, index: int) -> str:
         return self.data.name(self.keep[int(index)])
+
+    def contents(self) -> list:
+        inner = self.data.contents()
+        return [inner[i] for i in self.keep]
