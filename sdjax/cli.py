@@ -107,6 +107,12 @@ def main(argv=None) -> int:
     if command in ("export", "generate", "compare"):
         _quiet_orbax()
     try:
+        if command in ("export", "generate", "compare"):
+            # On a pod every worker runs the command: JAX's distributed runtime joins them
+            # (JAX_* variables or the platform's own detection) and one host writes.
+            from sdjax.parallel import initialize_distributed
+
+            initialize_distributed()
         if command == "export":
             from sdjax.train.export import export_checkpoint
 

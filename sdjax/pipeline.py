@@ -272,7 +272,8 @@ class StableDiffusion:
                         dtype=None) -> str:
         """Writes a diffusers PyTorch pipeline folder that `StableDiffusionPipeline.from_pretrained`
         loads. `params` (all or some components) replaces `self.params`; `dtype` (e.g. float16)
-        converts the saved tensors. Returns the directory."""
+        converts the saved tensors. `directory` may be a bucket path (gs://...): the files are
+        written locally, then uploaded. Returns the directory."""
         merged = dict(self.params)
         merged.update(params or {})
         for component in MODEL_COMPONENTS:
@@ -280,5 +281,9 @@ class StableDiffusion:
             if leaves and isinstance(leaves[0], jax.ShapeDtypeStruct):
                 raise SdjaxError("these parameters are shapes only (from_config(init_params=False)); "
                                  "nothing to save")
-        write_pipeline(directory, merged, self.configs, self.scheduler_config, self.tokenizer, dtype)
+        from sdjax import storage
+
+        with storage.local_folder(directory) as folder:
+            write_pipeline(folder, merged, self.configs, self.scheduler_config, self.tokenizer,
+                           dtype)
         return directory

@@ -102,6 +102,23 @@ def copy_tree(source, destination) -> None:
 
 
 @contextlib.contextmanager
+def local_copy(path, skip: tuple = ()) -> Iterator[str]:
+    """A local folder holding `path`'s files (less the top-level entries in `skip`): `path`
+    itself when it is local, else a temporary download."""
+    if not is_remote(path):
+        yield str(path)
+        return
+    staging = tempfile.mkdtemp(prefix="sdjax-download-")
+    try:
+        for name in listdir(path):
+            if name not in skip:
+                copy_tree(join(path, name), os.path.join(staging, name))
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def local_folder(destination) -> Iterator[str]:
     """A local folder to write `destination`'s files into: `destination` itself when it is
     local; otherwise a temporary folder that is uploaded when the block ends without error."""

@@ -1,6 +1,7 @@
 """Real multi-host: 2 processes x 2 CPU devices (gloo collectives on localhost) train to the same
 weights as 1 process x 4 devices with the same seed and data."""
 
+import json
 import os
 import socket
 import subprocess
@@ -76,6 +77,45 @@ def test_two_hosts_match_one_host(tmp_path):
                     for run in ("single", "multi"))
         assert one.shape == two.shape == (2 * 64, 64, 3)
         assert np.abs(one - two).max() <= 2  # the weights agree to float tolerance
+
+    # generate and export run on both hosts too; only process 0 writes (and says so).
+    checkpoint = str(tmp_path / "multi" / "checkpoints" / "checkpoint_2")
+    gen = _on_two_hosts([os.path.join(REPO, "train_flax.py"), "generate", "--checkpoint",
+                         checkpoint, "--prompt", "a red cube", "a blue ball", "--seed=5",
+                         "--num_inference_steps=2", f"--output_dir={tmp_path / 'gen'}"])
+    assert "2 images of 2 prompt(s)" in gen[0] and not gen[1]
+    record = json.loads((tmp_path / "gen" / "generate.json").read_text())
+    assert record["processes"] == 2 and record["devices"] == 4
+    # The same seeds and weights as the validation grid at that step: the same images.
+    one, two = (np.asarray(Image.open(path), np.int16) for path in (
+        tmp_path / "multi" / "validation" / "step-0000002.png", tmp_path / "gen" / "grid.png"))
+    assert np.abs(one - two).max() <= 2
+    exported = _on_two_hosts([os.path.join(REPO, "train_flax.py"), "export", "--checkpoint",
+                              checkpoint, "--output", str(tmp_path / "exported")])
+    assert "exported step 2" in exported[0] and not exported[1]
+    assert (tmp_path / "exported" / "model_index.json").exists()
+
+
+def _on_two_hosts(command):
+    """Runs `command` as processes 0 and 1 of a 2-host job (JAX_* variables); -> their stdout."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable] + command, cwd=REPO, env=dict(
+        _env(2), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=600))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    # (gloo announces its connections on stdout)
+    return ["".join(line for line in out.splitlines(keepends=True) if not line.startswith("[Gloo]"))
+            for out, _ in outputs]
 
 
 def _mixed_images(root):

@@ -1,18 +1,32 @@
 """`train_flax.py generate` (images from a model or a checkpoint) and `train_flax.py compare`
-(the prompts x checkpoints grid of a training run)."""
+(the prompts x checkpoints grid of a training run).
+
+Both run on every host of a pod (the images are split over all devices) and only process 0
+writes files; output folders may be bucket paths."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 
+import jax
 import jax.numpy as jnp
 
+from sdjax import storage
+
 from sdjax.errors import ConfigError
+from sdjax.parallel import sync_hosts
 from sdjax.sampling.images import grid, labelled_grid, to_pil
 from sdjax.sampling.prompts import prompt_list
 from sdjax.sampling.schedulers import default_scheduler_name
+
+
+def _save_png(image, path: str) -> None:
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    storage.write_bytes(path, data.getvalue())
 
 
 def _dtype(name: str):
@@ -53,24 +67,29 @@ def generate(args) -> list:
     images = sd(prompts, _negative(args), num_images_per_prompt=args.num_images,
                 output_type="pil", **settings)
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    paths = []
-    for k, image in enumerate(images):
-        p, i = divmod(k, args.num_images)
-        paths.append(os.path.join(args.output_dir, f"{p:03d}-{i:03d}.png"))
-        image.save(paths[-1])
-    grid_path = os.path.join(args.output_dir, "grid.png")
-    grid(images, args.num_images).save(grid_path)
-    record = dict(model=args.model or meta["base_model"]["pretrained_model_name_or_path"],
-                  checkpoint=args.checkpoint, checkpoint_step=step, ema=used_ema, prompts=prompts,
-                  negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-                  dtype=args.dtype, files=[os.path.basename(p) for p in paths], **settings)
-    with open(os.path.join(args.output_dir, "generate.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    weights = f"checkpoint step {step} ({'EMA' if used_ema else 'raw'})" if args.checkpoint else args.model
-    print(f"{len(images)} images of {len(prompts)} prompt(s) from {weights}, {settings['scheduler']} "
-          f"{settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}, seed "
-          f"{settings['seed']} -> {args.output_dir} (grid: {grid_path})")
+    paths = [storage.join(args.output_dir, f"{p:03d}-{i:03d}.png")
+             for p, i in (divmod(k, args.num_images) for k in range(len(images)))]
+    grid_path = storage.join(args.output_dir, "grid.png")
+    if jax.process_index() == 0:
+        storage.makedirs(args.output_dir)
+        for image, path in zip(images, paths):
+            _save_png(image, path)
+        _save_png(grid(images, args.num_images), grid_path)
+        record = dict(model=args.model or meta["base_model"]["pretrained_model_name_or_path"],
+                      checkpoint=args.checkpoint, checkpoint_step=step, ema=used_ema,
+                      prompts=prompts, negative_prompt=args.negative_prompt,
+                      num_images_per_prompt=args.num_images, dtype=args.dtype,
+                      processes=jax.process_count(), devices=jax.device_count(),
+                      files=[storage.basename(p) for p in paths], **settings)
+        storage.write_text(storage.join(args.output_dir, "generate.json"),
+                           json.dumps(record, indent=2))
+        weights = (f"checkpoint step {step} ({'EMA' if used_ema else 'raw'})" if args.checkpoint
+                   else args.model)
+        print(f"{len(images)} images of {len(prompts)} prompt(s) from {weights}, "
+              f"{settings['scheduler']} {settings['num_inference_steps']} steps, guidance "
+              f"{settings['guidance_scale']}, seed {settings['seed']} -> {args.output_dir} "
+              f"(grid: {grid_path})")
+    sync_hosts("sdjax-generate-written")
     return paths + [grid_path]
 
 
@@ -89,6 +108,10 @@ def _choose_steps(spec: str, available: list, where: str) -> list:
     return chosen
 
 
+# What a training run's output_dir holds besides the pipeline (not needed to load it).
+RUN_FOLDERS = ("checkpoints", "abandoned_checkpoints", "latent_cache", "logs", "validation")
+
+
 def compare(args) -> str:
     """Samples every prompt from each chosen checkpoint of a run (and its exported final
     pipeline, with --steps all) with the same seeds; writes the labelled grid, rows prompts and
@@ -100,38 +123,42 @@ def compare(args) -> str:
     prompts = prompt_list(args.prompts, "--prompts")
     directory = ckpt.checkpoint_dir(args.output_dir)
     available = []
-    if os.path.isdir(directory):
+    if storage.isdir(directory):
         manager = ckpt.make_manager(directory, read_only=True)
         available = sorted(manager.all_steps())
         manager.close()
     steps = _choose_steps(args.steps, available, directory)
-    paths = [os.path.join(directory, f"{ckpt.PREFIX}_{s}") for s in steps]
+    paths = [ckpt.step_path(directory, s) for s in steps]
     sd = base_model(checkpoint_meta(paths[0]), dtype=_dtype(args.dtype))
     sampler = sd.sampler()
     settings = _sampling_settings(args, sd)
     frozen = sampler.place({c: sd.params[c] for c in ("vae", "text_encoder")})
 
     columns, labels = [], []
-    final = os.path.join(args.output_dir, "model_index.json")
+    final = storage.join(args.output_dir, "model_index.json")
     weights = [(f"step {s}", p) for s, p in zip(steps, paths)]
-    if args.steps == "all" and os.path.exists(final):
+    if args.steps == "all" and storage.exists(final):
         weights.append(("final", None))
     for label, path in weights:
         if path is None:
-            unet = StableDiffusion.from_pretrained(args.output_dir).params["unet"]
+            with storage.local_copy(args.output_dir, skip=RUN_FOLDERS) as folder:
+                unet = StableDiffusion.from_pretrained(folder).params["unet"]
         else:
             unet, _, _, used_ema = read_unet(path, sd.params["unet"], args.ema)
             label += " EMA" if used_ema else ""
         out = sampler.sample(dict(frozen, unet=unet), prompts, _negative(args), **settings)
         columns.append(to_pil(out.images))
         labels.append(label)
-        print(f"{label}: {len(prompts)} images in {out.seconds:.1f} s")
+        if jax.process_index() == 0:
+            print(f"{label}: {len(prompts)} images in {out.seconds:.1f} s")
         del unet, out
-    cells = [[column[r] for column in columns] for r in range(len(prompts))]
-    sheet = labelled_grid(cells, prompts, labels)
-    output = args.output or os.path.join(args.output_dir, "compare.png")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    sheet.save(output)
-    print(f"{len(prompts)} prompts x {len(labels)} checkpoints ({settings['scheduler']} "
-          f"{settings['num_inference_steps']} steps, seed {settings['seed']}) -> {output}")
+    output = args.output or storage.join(args.output_dir, "compare.png")
+    if jax.process_index() == 0:
+        cells = [[column[r] for column in columns] for r in range(len(prompts))]
+        if not storage.is_remote(output):
+            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        _save_png(labelled_grid(cells, prompts, labels), output)
+        print(f"{len(prompts)} prompts x {len(labels)} checkpoints ({settings['scheduler']} "
+              f"{settings['num_inference_steps']} steps, seed {settings['seed']}) -> {output}")
+    sync_hosts("sdjax-compare-written")
     return output

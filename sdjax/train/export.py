@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sdjax.errors import ConfigError
+from sdjax.parallel import sync_hosts
 from sdjax.train import checkpoint as ckpt
 
 
@@ -75,7 +76,9 @@ def export_checkpoint(checkpoint: str, output: str, ema: Optional[bool] = None,
     unet, step, _, use_ema = read_unet(checkpoint, sd.params["unet"], ema)
     import jax.numpy as jnp
 
-    sd.save_pretrained(output, params={"unet": unet},
-                       dtype=None if dtype == "float32" else jnp.dtype(dtype))
-    print(f"exported step {step} ({'EMA' if use_ema else 'raw'} weights, {dtype}) to {output}")
+    if jax.process_index() == 0:  # on a pod, one host writes
+        sd.save_pretrained(output, params={"unet": unet},
+                           dtype=None if dtype == "float32" else jnp.dtype(dtype))
+        print(f"exported step {step} ({'EMA' if use_ema else 'raw'} weights, {dtype}) to {output}")
+    sync_hosts("sdjax-export-written")
     return output

@@ -257,8 +257,7 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     if state is not None:  # None: preempted, checkpoint written, no export
         unet_params = host_copy(state.ema if cfg.use_ema else state.params)
         if is_main:
-            with storage.local_folder(cfg.output_dir) as folder:
-                sd.save_pretrained(folder, params={"unet": unet_params})
+            sd.save_pretrained(cfg.output_dir, params={"unet": unet_params})
             print(f"saved the {'EMA ' if cfg.use_ema else ''}weights as a diffusers pipeline in "
                   f"{cfg.output_dir}")
     sync_hosts("sdjax-run-finished")  # no host exits before the export is complete

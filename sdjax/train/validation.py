@@ -8,12 +8,13 @@ for the run; only numpy images leave the devices, so repeated validations hold n
 
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from sdjax import storage
 from sdjax.sampling.images import grid, to_pil
 from sdjax.sampling.sampler import Sampler
 from sdjax.sampling.schedulers import default_scheduler_name, make_scheduler
@@ -43,14 +44,14 @@ class Validation:
         self.frozen = frozen
         self.writer = writer
         self.is_main = is_main
-        self.folder = os.path.join(cfg.output_dir, "validation")
+        self.folder = storage.join(cfg.output_dir, "validation")
         self.use_ema = cfg.use_ema
 
     def due(self, step: int, last_step: int) -> bool:
         return step % self.every == 0 or step == last_step
 
     def path(self, step: int) -> str:
-        return os.path.join(self.folder, f"step-{step:07d}.png")
+        return storage.join(self.folder, f"step-{step:07d}.png")
 
     def run(self, step: int, state) -> str:
         """Samples the prompts with the state's weights and writes the grid; -> its path."""
@@ -59,11 +60,10 @@ class Validation:
         images = to_pil(out.images)
         path = self.path(step)
         if self.is_main:
-            os.makedirs(self.folder, exist_ok=True)
-            sheet = grid(images, self.per_prompt)
-            tmp = path + ".tmp.png"
-            sheet.save(tmp)
-            os.replace(tmp, path)
+            storage.makedirs(self.folder)
+            png = io.BytesIO()
+            grid(images, self.per_prompt).save(png, format="PNG")
+            storage.write_bytes(path, png.getvalue())
             rows = [grid(images[i * self.per_prompt:(i + 1) * self.per_prompt], self.per_prompt)
                     for i in range(len(self.prompts))]
             self.writer.images(step, [(p, np.asarray(r)) for p, r in zip(self.prompts, rows)])
