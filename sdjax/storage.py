@@ -13,7 +13,14 @@ import shutil
 import tempfile
 from typing import Iterator
 
+import fsspec.config
 from etils import epath
+
+# Bucket listings are never cached (gcsfs caches them for ever by default): other hosts and
+# Orbax add and remove checkpoints, and `latest` must see them. Read when a filesystem is made,
+# by etils.epath's as well as ours.
+for _protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 
 def is_remote(path) -> bool:
@@ -78,27 +85,66 @@ def read_text(path) -> str:
     return epath.Path(str(path)).read_text()
 
 
+def _filesystem(path):
+    """(fsspec filesystem, path within it) of a URL."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(path))
+
+
 def move(source, destination) -> None:
-    """Moves a file or folder (on a bucket: copies each object, then deletes the originals)."""
+    """Moves a file or folder (on a bucket: each object is copied, then deleted)."""
+    source, destination = str(source), str(destination)
     if not is_remote(source) and not is_remote(destination):
-        os.makedirs(os.path.dirname(str(destination)), exist_ok=True)
-        os.replace(str(source), str(destination))
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        os.replace(source, destination)
+        return
+    if is_remote(source) and is_remote(destination):
+        fs, path = _filesystem(source)
+        fs.mv(path, _filesystem(destination)[1], recursive=True)
         return
     copy_tree(source, destination)
-    epath.Path(str(source)).rmtree()
+    if is_remote(source):
+        fs, path = _filesystem(source)
+        fs.rm(path, recursive=True)
+    else:
+        shutil.rmtree(source)
 
 
 def copy_tree(source, destination) -> None:
-    source, destination = epath.Path(str(source)), epath.Path(str(destination))
-    if not source.is_dir():
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        source.copy(destination, overwrite=True)
+    """Copies a file or folder between any two places (local, bucket)."""
+    source, destination = str(source).rstrip("/"), str(destination).rstrip("/")
+    if not is_remote(source) and not is_remote(destination):
+        if os.path.isdir(source):
+            shutil.copytree(source, destination, dirs_exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
+            shutil.copy2(source, destination)
         return
-    for folder, _, files in source.walk():
-        target = destination / folder.relative_to(source)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            (folder / name).copy(target / name, overwrite=True)
+    if is_remote(source) and is_remote(destination):
+        fs, path = _filesystem(source)
+        fs.copy(path, _filesystem(destination)[1], recursive=True)
+        return
+    if is_remote(destination):
+        fs, path = _filesystem(destination)
+        if os.path.isdir(source):
+            for folder, _, files in os.walk(source):
+                below = os.path.relpath(folder, source)
+                for name in files:
+                    target = path if below == "." else f"{path}/{below.replace(os.sep, '/')}"
+                    fs.put_file(os.path.join(folder, name), f"{target}/{name}")
+        else:
+            fs.put_file(source, path)
+        return
+    fs, path = _filesystem(source)
+    if fs.isdir(path):
+        for remote in fs.find(path):
+            local = os.path.join(destination, *remote[len(path):].strip("/").split("/"))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get_file(remote, local)
+    else:
+        os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
+        fs.get_file(path, destination)
 
 
 @contextlib.contextmanager

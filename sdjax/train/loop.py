@@ -146,6 +146,7 @@ def _stream_and_model(cfg: TrainConfig) -> tuple:
 
 def build_cache(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     """The `cache` command: encode the data set into the latent cache, and stop."""
+    cfg.cache_latents = True  # validated as a run that trains from the cache
     is_main = start_run(cfg, notes)
     from sdjax.cache import cache_directory
 
