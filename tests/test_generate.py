@@ -16,6 +16,9 @@ from PIL import Image
 from sdjax.cli import main
 from tests.conftest import DEMO_DATA
 
+# Every test here trains, checkpoints, restores or samples.
+pytestmark = pytest.mark.jax_api
+
 PROMPTS = ["a red cube", "a blue ball"]
 # The run's validation settings; generate and compare are given the same ones.
 SAMPLING = ["--num_inference_steps", "3", "--guidance_scale", "4.0", "--scheduler", "euler_a",

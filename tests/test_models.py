@@ -105,6 +105,7 @@ def _unet_loss_and_grads(sd, unet, inputs):
     return jax.jit(jax.value_and_grad(loss))(sd.params["unet"])
 
 
+@pytest.mark.jax_api
 def test_gradient_checkpointing_gives_identical_outputs_and_gradients(sd2, tiny_inputs):
     remat = UNet2DConditionModel(sd2.unet.config, gradient_checkpointing=True)
     plain_loss, plain_grads = _unet_loss_and_grads(sd2, sd2.unet, tiny_inputs)
@@ -164,6 +165,7 @@ def test_attention_implementation_reaches_the_kernel(sd2, tiny_inputs, monkeypat
     assert seen and set(seen) == {"cudnn"}
 
 
+@pytest.mark.jax_api
 def test_bfloat16_compute_is_close_to_float32(sd2, tiny_inputs):
     full = np.asarray(sd2.unet.apply({"params": sd2.params["unet"]}, *tiny_inputs))
     half = UNet2DConditionModel(sd2.unet.config, dtype=jnp.bfloat16)

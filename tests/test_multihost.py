@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from importlib.metadata import version
 
 import numpy as np
 import pytest
@@ -31,12 +32,17 @@ def _args(out):
             "--validation_num_inference_steps=2"]
 
 
+def _jax_version() -> tuple:
+    return tuple(int(part) for part in version("jax").split(".")[:2])
+
+
 def _env(devices):
     return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                 JAX_PLATFORMS="cpu")
 
 
 @pytest.mark.slow
+@pytest.mark.jax_api
 def test_two_hosts_match_one_host(tmp_path):
     single = subprocess.run(_args(tmp_path / "single"), env=_env(4), capture_output=True, text=True,
                             timeout=600)
@@ -47,25 +53,19 @@ def test_two_hosts_match_one_host(tmp_path):
     procs = [subprocess.Popen(_args(tmp_path / "multi") + [
         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
         env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=600))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    outputs = _wait_all(procs)
     assert "2 host(s), 4 device(s)" in outputs[0][0]
 
     a = load_file(str(tmp_path / "single" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "multi" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys()
+    # Float tolerance: the cross-host gradient sum adds in another order, and AdamW's
+    # normalisation magnifies the last bits of tiny gradients. With jax < 0.7 (the oldest
+    # supported) a few more elements move further: measured 23 of 1.1M beyond 1e-5, the largest
+    # 7.2e-5 (jax 0.10: none beyond 1.3e-6), while the 3 steps move a weight 1.9e-3 (median).
+    atol = 1e-5 if _jax_version() >= (0, 7) else 2e-4
     for key in a:
-        # Float tolerance: the cross-host gradient sum adds in another order, and AdamW's
-        # normalisation magnifies the last bits of tiny gradients.
-        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=atol, err_msg=key)
     # Both runs checkpointed at step 2; the two-host checkpoint restores like any other.
     assert (tmp_path / "multi" / "checkpoints" / "checkpoint_2").is_dir()
     # Validation sampled across both hosts' devices; host 0 wrote the same grids.
@@ -96,13 +96,8 @@ def test_two_hosts_match_one_host(tmp_path):
     assert (tmp_path / "exported" / "model_index.json").exists()
 
 
-def _on_two_hosts(command):
-    """Runs `command` as processes 0 and 1 of a 2-host job (JAX_* variables); -> their stdout."""
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable] + command, cwd=REPO, env=dict(
-        _env(2), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-        JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
+def _wait_all(procs, check=True):
+    """Waits for every process (killing the rest if one hangs); -> [(stdout, stderr)]."""
     outputs = []
     try:
         for p in procs:
@@ -112,7 +107,18 @@ def _on_two_hosts(command):
             if p.poll() is None:
                 p.kill()
     for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+        assert not check or p.returncode == 0, err[-3000:]
+    return outputs
+
+
+def _on_two_hosts(command):
+    """Runs `command` as processes 0 and 1 of a 2-host job (JAX_* variables); -> their stdout."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable] + command, cwd=REPO, env=dict(
+        _env(2), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = _wait_all(procs)
     # (gloo announces its connections on stdout)
     return ["".join(line for line in out.splitlines(keepends=True) if not line.startswith("[Gloo]"))
             for out, _ in outputs]
@@ -131,6 +137,7 @@ def _mixed_images(root):
 
 
 @pytest.mark.slow
+@pytest.mark.jax_api
 def test_two_hosts_share_buckets_and_the_latent_cache(tmp_path):
     """2 processes x 2 devices: every step's batch comes from one bucket, the hosts' rows are
     disjoint and together are exactly the 1-host step; the cache both hosts build and read
@@ -188,6 +195,7 @@ def test_two_hosts_share_buckets_and_the_latent_cache(tmp_path):
     assert {p.name for p in cache.glob("text-host*.npy")} == {"text-host000.npy", "text-host001.npy"}
 
 
+@pytest.mark.jax_api
 def test_hosts_with_different_data_all_stop(tmp_path):
     """One host's copy of the data differs: every host stops with the same message, none is
     left waiting for the others at a barrier."""
@@ -205,12 +213,7 @@ def test_hosts_with_different_data_all_stop(tmp_path):
          f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
         env=_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
-    try:
-        errors = [p.communicate(timeout=300)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    errors = [err for _, err in _wait_all(procs, check=False)]
     for i, (p, err) in enumerate(zip(procs, errors)):
         assert p.returncode != 0, err[-2000:]
         assert f"the hosts disagree about the latent cache" in err and f"process {i} has" in err

@@ -56,6 +56,7 @@ def _train(tmp_path, env):
     return result, errors, out
 
 
+@pytest.mark.jax_api
 def test_unreachable_coordinator_stops_with_one_line(tmp_path):
     address = f"127.0.0.1:{_free_port()}"  # nobody listens there
     result, errors, out = _train(tmp_path, {"JAX_COORDINATOR_ADDRESS": address,
@@ -67,6 +68,7 @@ def test_unreachable_coordinator_stops_with_one_line(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.jax_api
 def test_detected_pod_without_a_coordinator_stops_with_one_line(tmp_path):
     # The TPU pod variables, but no way for JAX to find the coordinator: training alone as
     # "process 0" on every worker, all writing one output_dir, must not happen.

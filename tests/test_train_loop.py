@@ -85,6 +85,7 @@ def _demo_args(out, steps, extra=""):
 
 
 @pytest.mark.slow
+@pytest.mark.jax_api
 def test_deterministic_and_resume_is_exact(tmp_path, capsys):
     assert main(_demo_args(tmp_path / "a", 4, "--tracker_project_name=minecraft")) == 0
     assert main(_demo_args(tmp_path / "b", 4)) == 0
@@ -117,6 +118,7 @@ def test_deterministic_and_resume_is_exact(tmp_path, capsys):
         assert tag in data
 
 
+@pytest.mark.jax_api
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"
     args = _demo_args(out, 30, "--logging_steps=1 --checkpointing_steps=1 --max_grad_norm=0")
@@ -171,6 +173,7 @@ def test_bad_data_inputs(tmp_path, capsys):
     assert len(os.listdir(DEMO_DATA)) == 13
 
 
+@pytest.mark.jax_api
 def test_bad_run_inputs(tmp_path, capsys):
     a_file = tmp_path / "file.txt"
     a_file.write_text("not a folder")
@@ -182,6 +185,7 @@ def test_bad_run_inputs(tmp_path, capsys):
         _demo_args(tmp_path / "o", 2, "--max_train_step=3"), capsys)
 
 
+@pytest.mark.jax_api
 def test_checkpoint_references_and_total_limit(tmp_path):
     from sdjax.errors import ConfigError
     from sdjax.train import checkpoint as ckpt
