@@ -83,7 +83,7 @@ def test_two_hosts_match_one_host(tmp_path):
     gen = _on_two_hosts([os.path.join(REPO, "train_flax.py"), "generate", "--checkpoint",
                          checkpoint, "--prompt", "a red cube", "a blue ball", "--seed=5",
                          "--num_inference_steps=2", f"--output_dir={tmp_path / 'gen'}"])
-    assert "2 images of 2 prompt(s)" in gen[0] and not gen[1]
+    assert "2 images of 2 prompt(s)" in gen[0] and "images of" not in gen[1]
     record = json.loads((tmp_path / "gen" / "generate.json").read_text())
     assert record["processes"] == 2 and record["devices"] == 4
     # The same seeds and weights as the validation grid at that step: the same images.
@@ -92,7 +92,7 @@ def test_two_hosts_match_one_host(tmp_path):
     assert np.abs(one - two).max() <= 2
     exported = _on_two_hosts([os.path.join(REPO, "train_flax.py"), "export", "--checkpoint",
                               checkpoint, "--output", str(tmp_path / "exported")])
-    assert "exported step 2" in exported[0] and not exported[1]
+    assert "exported step 2" in exported[0] and "exported" not in exported[1]
     assert (tmp_path / "exported" / "model_index.json").exists()
 
 
@@ -119,9 +119,7 @@ def _on_two_hosts(command):
         JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outputs = _wait_all(procs)
-    # (gloo announces its connections on stdout)
-    return ["".join(line for line in out.splitlines(keepends=True) if not line.startswith("[Gloo]"))
-            for out, _ in outputs]
+    return [out for out, _ in outputs]  # (gloo also announces its connections there)
 
 
 def _mixed_images(root):
