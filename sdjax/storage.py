@@ -81,10 +81,6 @@ def write_text(path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def read_text(path) -> str:
-    return epath.Path(str(path)).read_text()
-
-
 def _filesystem(path):
     """(fsspec filesystem, path within it) of a URL."""
     import fsspec
