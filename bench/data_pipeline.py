@@ -48,7 +48,7 @@ def build_cache(folder: str, args):
     from sdjax.cli import main as cli
     from sdjax.config import parse_train_args
     from sdjax.data.latent_cache import LatentCache
-    from sdjax.train.loop import load_base_model
+    from sdjax.pipeline import load_pipeline
 
     flags = (f"--pretrained_model_name_or_path=tiny --train_data_dir={folder} --resolution="
              f"{args.resolution} --center_crop --random_flip --train_batch_size=8 "
@@ -56,7 +56,7 @@ def build_cache(folder: str, args):
     if cli(["cache"] + flags) != 0:
         raise SystemExit("building the cache failed")
     cfg, _ = parse_train_args(flags)
-    return LatentCache.open(cache_directory(cfg), cache_key(cfg, load_base_model("tiny", 0),
+    return LatentCache.open(cache_directory(cfg), cache_key(cfg, load_pipeline("tiny", 0),
                                                             open_dataset(train_data_dir=folder)))
 
 

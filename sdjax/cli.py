@@ -1,7 +1,9 @@
-"""Command line of train_flax.py: `train` (the default), `cache`, `export`, `generate`, `compare`.
+"""Command line of train_flax.py. `accelerate launch train_X.py <flags>` (and
+`python train_X_flax.py <flags>`) becomes `python train_flax.py X <flags>`:
 
-    python train_flax.py [train] --pretrained_model_name_or_path ... --train_data_dir ...
-    python train_flax.py cache <the same flags>    (encode the data set into the latent cache)
+    python train_flax.py [text_to_image] --pretrained_model_name_or_path ... --train_data_dir ...
+    python train_flax.py dreambooth --instance_data_dir ... --instance_prompt ... [...]
+    python train_flax.py cache <the text_to_image flags>  (encode the data set into the latent cache)
     python train_flax.py export --checkpoint OUT/checkpoints/checkpoint_N --output DIR
     python train_flax.py generate --model DIR_OR_ID [--checkpoint ...] --prompt ... --output_dir DIR
     python train_flax.py compare --output_dir OUT --prompts P1 P2 ... [--steps all|N,M]
@@ -17,7 +19,11 @@ import sys
 
 from sdjax.errors import SdjaxError
 
-COMMANDS = ("train", "cache", "export", "generate", "compare")
+# Training commands, named after the diffusers scripts (and their Flax twins), -> the task.
+TRAIN_COMMANDS = {"train": "text_to_image", "text_to_image": "text_to_image",
+                  "text_to_image_flax": "text_to_image", "dreambooth": "dreambooth",
+                  "dreambooth_flax": "dreambooth"}
+COMMANDS = tuple(TRAIN_COMMANDS) + ("cache", "export", "generate", "compare")
 
 
 def _quiet_libraries() -> None:
@@ -103,6 +109,10 @@ def compare_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    if argv and not argv[0].startswith("-") and command == "train" and not os.path.exists(argv[0]):
+        print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
     _quiet_libraries()
     if command in ("export", "generate", "compare"):
         _quiet_orbax()
@@ -114,7 +124,7 @@ def main(argv=None) -> int:
 
             initialize_distributed()
         if command == "export":
-            from sdjax.train.export import export_checkpoint
+            from sdjax.export import export_checkpoint
 
             args = export_parser().parse_args(argv)
             export_checkpoint(args.checkpoint, args.output, ema=args.ema, dtype=args.dtype)
@@ -135,7 +145,7 @@ def main(argv=None) -> int:
             from sdjax.config import parse_train_args
             from sdjax.train.loop import train
 
-            cfg, notes = parse_train_args(argv)
+            cfg, notes = parse_train_args(argv, task=TRAIN_COMMANDS[command])
             train(cfg, notes)
     except SdjaxError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,13 +22,39 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 INTERPOLATION_MODES = ("lanczos", "bicubic", "bilinear", "nearest", "box", "hamming")
 
 
+TASKS = ("text_to_image", "dreambooth")
+PRIOR_GENERATION_PRECISION = ("no", "fp32", "fp16", "bf16")
+# diffusers' DreamBooth names its validation schedulers by class.
+VALIDATION_SCHEDULER_CLASSES = {"DPMSolverMultistepScheduler": "dpmpp_2m", "DDIMScheduler": "ddim",
+                                "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
+                                "EulerAncestralDiscreteScheduler": "euler_a"}
+
+
 @dataclasses.dataclass
 class TrainConfig:
+    # What is trained: the command (text_to_image, dreambooth) and the components
+    task: str = "text_to_image"
+    train_text_encoder: bool = False
+    text_encoder_lr: Optional[float] = None
+    pre_compute_text_embeddings: bool = False
     # Model
     pretrained_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     variant: Optional[str] = None
     prediction_type: Optional[str] = None
+    tokenizer_name: Optional[str] = None
+    pretrained_vae_name_or_path: Optional[str] = None
+    # DreamBooth (the dreambooth command)
+    instance_data_dir: Optional[str] = None
+    instance_prompt: Optional[str] = None
+    class_data_dir: Optional[str] = None
+    class_prompt: Optional[str] = None
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    sample_batch_size: int = 4
+    class_num_inference_steps: int = 50
+    prior_generation_precision: Optional[str] = None
     # Data
     dataset_name: Optional[str] = None
     dataset_config_name: Optional[str] = None
@@ -74,6 +100,7 @@ class TrainConfig:
     # Loss
     snr_gamma: Optional[float] = None
     noise_offset: float = 0.0
+    offset_noise: bool = False
     input_perturbation: float = 0.0
     # Precision and EMA
     mixed_precision: Optional[str] = None
@@ -113,6 +140,19 @@ class TrainConfig:
         return "bfloat16" if self.mixed_precision in ("fp16", "bf16") else "float32"
 
     @property
+    def trained_components(self) -> list:
+        return ["unet"] + (["text_encoder"] if self.train_text_encoder else [])
+
+    @property
+    def effective_noise_offset(self) -> float:
+        """--noise_offset, or DreamBooth's --offset_noise (diffusers adds 0.1 x per-channel noise)."""
+        return self.noise_offset or (0.1 if self.offset_noise else 0.0)
+
+    @property
+    def prior_preservation(self) -> bool:
+        return self.task == "dreambooth" and self.with_prior_preservation
+
+    @property
     def run_seed(self) -> int:
         return 0 if self.seed is None else self.seed
 
@@ -128,8 +168,21 @@ class TrainConfig:
         if not self.pretrained_model_name_or_path:
             problems.append("--pretrained_model_name_or_path is required (a diffusers folder, a "
                             "hub id, or a shipped config name such as 'tiny')")
-        if not self.dataset_name and not self.train_data_dir:
-            problems.append("give --dataset_name or --train_data_dir")
+        if self.task not in TASKS:
+            problems.append(f"--task={self.task!r}: choose one of {', '.join(TASKS)}")
+        elif self.task == "dreambooth":
+            problems += self._dreambooth_problems()
+            if self.tracker_project_name == "text2image-fine-tune":  # diffusers' name per script
+                self.tracker_project_name = "dreambooth"
+        else:
+            if not self.dataset_name and not self.train_data_dir:
+                problems.append("give --dataset_name or --train_data_dir")
+            given = [f for f in ("instance_data_dir", "instance_prompt", "with_prior_preservation")
+                     if getattr(self, f)]
+            if given:
+                problems.append(f"--{given[0]} is a DreamBooth flag: run `python train_flax.py "
+                                "dreambooth ...`")
+        problems += self._text_encoder_problems()
         if self.resolution <= 0 or self.resolution % 8:
             problems.append(f"--resolution={self.resolution} must be a positive multiple of 8 "
                             "(the VAE downsamples by 8)")
@@ -201,6 +254,73 @@ class TrainConfig:
             raise ConfigError("; ".join(problems))
         return self
 
+    def _text_encoder_problems(self) -> list:
+        problems = []
+        if self.train_text_encoder and self.pre_compute_text_embeddings:
+            problems.append("--train_text_encoder needs the text encoder at every step: drop "
+                            "--pre_compute_text_embeddings")
+        if self.text_encoder_lr is not None:
+            if self.text_encoder_lr <= 0:
+                problems.append("--text_encoder_lr must be positive")
+            elif not self.train_text_encoder:
+                problems.append("--text_encoder_lr sets the text encoder's learning rate: add "
+                                "--train_text_encoder")
+        if self.pre_compute_text_embeddings and self.streaming:
+            problems.append("--pre_compute_text_embeddings needs every caption up front: not with "
+                            "--streaming")
+        if self.pre_compute_text_embeddings and self.cache_latents:
+            problems.append("--cache_latents already caches the text embeddings: drop "
+                            "--pre_compute_text_embeddings")
+        return problems
+
+    def _dreambooth_problems(self) -> list:
+        problems = []
+        for flag in ("dataset_name", "train_data_dir"):
+            if getattr(self, flag):
+                problems.append(f"dreambooth reads --instance_data_dir (and --class_data_dir), "
+                                f"not --{flag}")
+        if not self.instance_data_dir:
+            problems.append("dreambooth needs --instance_data_dir (a folder of the subject's images)")
+        elif not os.path.isdir(self.instance_data_dir):
+            problems.append(f"--instance_data_dir {self.instance_data_dir} is not a directory")
+        if not (self.instance_prompt or "").strip():
+            problems.append("dreambooth needs --instance_prompt (e.g. \"a photo of sks dog\")")
+        for flag in ("streaming", "enable_bucket", "cache_latents"):
+            if getattr(self, flag):
+                problems.append(f"--{flag} is not available with dreambooth (a handful of images)")
+        if self.prior_loss_weight < 0:
+            problems.append("--prior_loss_weight must be 0 or more")
+        if self.prior_generation_precision not in (None,) + PRIOR_GENERATION_PRECISION:
+            problems.append(f"--prior_generation_precision={self.prior_generation_precision!r}: "
+                            f"choose one of {', '.join(PRIOR_GENERATION_PRECISION)}")
+        if not self.with_prior_preservation:
+            return problems
+        if not self.class_data_dir:
+            problems.append("--with_prior_preservation needs --class_data_dir (a folder for the "
+                            "class images; missing ones are generated)")
+        if not (self.class_prompt or "").strip():
+            problems.append("--with_prior_preservation needs --class_prompt (e.g. \"a photo of dog\")")
+        for flag in ("num_class_images", "sample_batch_size", "class_num_inference_steps"):
+            if getattr(self, flag) < 1:
+                problems.append(f"--{flag} must be at least 1")
+        if self.class_data_dir and self.instance_data_dir:
+            instance = os.path.realpath(self.instance_data_dir)
+            classes = os.path.realpath(self.class_data_dir)
+            if classes == instance or classes.startswith(instance + os.sep):
+                problems.append(f"--class_data_dir {self.class_data_dir} is inside "
+                                f"--instance_data_dir {self.instance_data_dir}: class images would "
+                                "be read as the subject's; give it a folder of its own")
+            elif os.path.exists(self.class_data_dir) and not os.path.isdir(self.class_data_dir):
+                problems.append(f"--class_data_dir {self.class_data_dir} is not a directory")
+        return problems
+
+    @property
+    def ignored_dreambooth_flags(self) -> list:
+        """diffusers warns when class flags come without --with_prior_preservation; so do we."""
+        if self.task != "dreambooth" or self.with_prior_preservation:
+            return []
+        return [f"--{f}" for f in ("class_data_dir", "class_prompt") if getattr(self, f)]
+
     def _validation_problems(self) -> list:
         problems = []
         prompts = self.all_validation_prompts
@@ -224,6 +344,8 @@ class TrainConfig:
         if self.validation_scheduler is not None:
             from sdjax.sampling.schedulers import SCHEDULERS
 
+            self.validation_scheduler = VALIDATION_SCHEDULER_CLASSES.get(
+                self.validation_scheduler, self.validation_scheduler)
             if self.validation_scheduler not in SCHEDULERS:
                 problems.append(f"--validation_scheduler={self.validation_scheduler!r}: choose one "
                                 f"of {', '.join(SCHEDULERS)}")
@@ -242,11 +364,15 @@ NOOP_FLAGS = {
     "local_rank": "processes are started per host; see --coordinator_address",
     "push_to_hub": "not supported yet: upload output_dir with `huggingface-cli upload`",
     "hub_token": "not supported yet", "hub_model_id": "not supported yet",
+    "set_grads_to_none": "gradients are values inside the jitted step, never kept between steps",
     "dream_training": None, "dream_detail_preservation": None,
+    "class_labels_conditioning": None, "validation_images": None,
+    "text_encoder_use_attention_mask": None, "skip_save_text_encoder": None,
 }
 # Of those, the ones taking a value (the rest are store_true switches).
 _NOOP_WITH_VALUE = {"non_ema_revision", "local_rank", "hub_token",
-                    "hub_model_id", "dream_detail_preservation"}
+                    "hub_model_id", "dream_detail_preservation", "class_labels_conditioning",
+                    "validation_images"}
 
 
 def _field_type(field: dataclasses.Field):
@@ -310,8 +436,9 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
-def parse_train_args(argv: list) -> tuple:
-    """-> (TrainConfig, notes). Unknown flags raise ConfigError naming the closest valid one."""
+def parse_train_args(argv: list, task: Optional[str] = None) -> tuple:
+    """-> (TrainConfig, notes). Unknown flags raise ConfigError naming the closest valid one.
+    `task` is the command's (text_to_image, dreambooth); a config file may name it too."""
     parser = build_parser()
     valid = [f.name for f in dataclasses.fields(TrainConfig)] + ["config"]
     args, unknown = parser.parse_known_args(argv)
@@ -334,6 +461,8 @@ def parse_train_args(argv: list) -> tuple:
             if value not in (None, False):
                 notes.append(f"--{name}: ignored ({reason})")
     values.update(given)
+    if task is not None and task != "text_to_image":
+        values["task"] = task
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     bad = [k for k in values if k not in fields]
     if bad:

@@ -21,26 +21,36 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def files_to_download(repo_files: list, variant: Optional[str]) -> list:
-    """allow_patterns for snapshot_download: configs, tokenizer, scheduler and chosen weights."""
+def _weights_patterns(files: set, folder: str, kind: str, variant: Optional[str]) -> list:
+    """allow_patterns for the weights `from_pretrained` will read from `folder` ('' = the root)."""
+    prefix = f"{folder}/" if folder else ""
+    for name in candidate_files(kind, variant):
+        if f"{prefix}{name}" in files:
+            if name.endswith(".index.json"):
+                stem, ext = name.split(".")[0], "." + name.split(".")[1]
+                shards = f"{stem}.{variant}" if variant else stem
+                return [f"{prefix}{name}", f"{prefix}{shards}-*-of-*{ext}"]
+            return [f"{prefix}{name}"]
+    return []
+
+
+def files_to_download(repo_files: list, variant: Optional[str],
+                      component: Optional[str] = None) -> list:
+    """allow_patterns for snapshot_download: configs, tokenizer, scheduler and chosen weights of
+    a pipeline repository, or (`component`) the config and weights of a one-model repository."""
     files = set(repo_files)
+    if component is not None:
+        return ["config.json"] + _weights_patterns(files, "", COMPONENT_KINDS[component], variant)
     patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*"]
-    for component, kind in COMPONENT_KINDS.items():
-        for name in candidate_files(kind, variant):
-            if f"{component}/{name}" in files:
-                if name.endswith(".index.json"):
-                    stem, ext = name.split(".")[0], "." + name.split(".")[1]
-                    shards = f"{stem}.{variant}" if variant else stem
-                    patterns += [f"{component}/{name}", f"{component}/{shards}-*-of-*{ext}"]
-                else:
-                    patterns.append(f"{component}/{name}")
-                break
+    for name, kind in COMPONENT_KINDS.items():
+        patterns += _weights_patterns(files, name, kind, variant)
     return patterns
 
 
 def resolve_model_dir(name_or_path: str, revision: Optional[str] = None,
-                      variant: Optional[str] = None) -> str:
-    """A local folder holding the pipeline `name_or_path` names; raises WeightsError if none."""
+                      variant: Optional[str] = None, component: Optional[str] = None) -> str:
+    """A local folder holding the pipeline `name_or_path` names (with `component`: a repository
+    of that one model, e.g. a VAE); raises WeightsError if none."""
     expanded = os.path.expanduser(name_or_path)
     if os.path.isdir(expanded):
         return expanded
@@ -65,7 +75,7 @@ def resolve_model_dir(name_or_path: str, revision: Optional[str] = None,
             return snapshot_download(name_or_path, revision=revision, local_files_only=True)
         repo_files = HfApi().list_repo_files(name_or_path, revision=revision)
         return snapshot_download(name_or_path, revision=revision,
-                                 allow_patterns=files_to_download(repo_files, variant))
+                                 allow_patterns=files_to_download(repo_files, variant, component))
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if constants.HF_HUB_OFFLINE:

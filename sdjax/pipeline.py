@@ -31,7 +31,7 @@ from sdjax.models.unet import plan_attention as plan_unet_attention
 from sdjax.models.vae import plan_attention as plan_vae_attention
 from sdjax.weights.convert import load_params
 from sdjax.weights.files import find_weights, open_weights
-from sdjax.weights.export import write_pipeline
+from sdjax.weights.save import write_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,56 @@ def count_params(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
+def _model_folder(name_or_path: str, component: str, variant: Optional[str]) -> str:
+    """The folder of one model given on its own (a folder with config.json, a pipeline folder
+    holding `component/`, or a hub id of a one-model repository)."""
+    folder = resolve_model_dir(name_or_path, variant=variant, component=component)
+    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isdir(
+            os.path.join(folder, component)):
+        return os.path.join(folder, component)
+    return folder
+
+
+def load_tokenizer(name_or_path: str):
+    """A CLIP tokenizer from a folder, a pipeline folder (its tokenizer/) or a hub id."""
+    from transformers import CLIPTokenizer
+
+    sub = os.path.join(name_or_path, "tokenizer")
+    path = sub if os.path.isdir(sub) else name_or_path
+    try:
+        return CLIPTokenizer.from_pretrained(path)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WeightsError(f"cannot load a CLIP tokenizer from {name_or_path}: {first}") from None
+
+
+def load_pipeline(name: str, seed: int = 0, revision: Optional[str] = None,
+                  variant: Optional[str] = None, dtype=None, vae: Optional[str] = None,
+                  tokenizer: Optional[str] = None) -> "StableDiffusion":
+    """A diffusers folder or hub id, or a shipped config name (random weights from `seed`);
+    `vae` and `tokenizer` replace those of the pipeline (diffusers' --pretrained_vae_name_or_path
+    and --tokenizer_name)."""
+    if not os.path.exists(name) and os.path.isdir(os.path.join(SHIPPED_CONFIGS, name)):
+        if vae:
+            raise WeightsError("--pretrained_vae_name_or_path needs a pretrained model, not the "
+                               f"shipped config {name!r}")
+        sd = StableDiffusion.from_config(name, seed=seed, dtype=dtype)
+    else:
+        sd = StableDiffusion.from_pretrained(name, revision=revision, variant=variant, dtype=dtype,
+                                             vae=vae)
+    if tokenizer:
+        sd.tokenizer = load_tokenizer(tokenizer)
+    return sd
+
+
+def load_base(spec: Mapping[str, Any], dtype=None) -> "StableDiffusion":
+    """The base pipeline a training run recorded in its checkpoints
+    (`sdjax.train.setup.base_model_spec`)."""
+    return load_pipeline(spec["pretrained_model_name_or_path"], spec.get("seed", 0),
+                         spec.get("revision"), spec.get("variant"), dtype, spec.get("vae"),
+                         spec.get("tokenizer"))
+
+
 class StableDiffusion:
     """The SD pipeline's models (`.unet`, `.vae`, `.text_encoder`), `.params`, `.tokenizer` and
     `.scheduler_config`. Parameters are plain nested dicts of host arrays."""
@@ -131,12 +181,12 @@ class StableDiffusion:
     # --- construction -----------------------------------------------------------------------
 
     @staticmethod
-    def _read_configs(folder: str) -> dict:
+    def _read_configs(folder: str, component_dirs: Optional[Mapping[str, str]] = None) -> dict:
         if not os.path.isdir(folder):
             raise WeightsError(f"model folder {folder} does not exist")
         configs = {}
         for component in MODEL_COMPONENTS:
-            sub = os.path.join(folder, component)
+            sub = (component_dirs or {}).get(component) or os.path.join(folder, component)
             if not os.path.isdir(sub):
                 raise WeightsError(f"{folder} has no {component}/ subfolder; a diffusers Stable "
                                    "Diffusion folder has unet/, vae/, text_encoder/, tokenizer/ "
@@ -163,14 +213,19 @@ class StableDiffusion:
                         variant: Optional[str] = None, dtype=None,
                         attention_implementation: Optional[str] = "xla",
                         gradient_checkpointing: bool = False,
-                        remat_policy: str = "nothing_saveable") -> "StableDiffusion":
+                        remat_policy: str = "nothing_saveable",
+                        vae: Optional[str] = None) -> "StableDiffusion":
         """Loads a diffusers pipeline folder or hub id (safetensors, .bin, or Flax msgpack).
 
         `dtype` is that of the parameters and of the computation (default float32, whatever the
-        files hold); `variant` picks e.g. `diffusion_pytorch_model.fp16.safetensors`.
+        files hold); `variant` picks e.g. `diffusion_pytorch_model.fp16.safetensors`; `vae` (a
+        VAE folder or hub id, e.g. stabilityai/sd-vae-ft-mse) replaces the pipeline's VAE.
         """
         folder = resolve_model_dir(name_or_path, revision=revision, variant=variant)
-        configs = cls._read_configs(folder)
+        dirs = {c: os.path.join(folder, c) for c in MODEL_COMPONENTS}
+        if vae:
+            dirs["vae"] = _model_folder(vae, "vae", variant)
+        configs = cls._read_configs(folder, dirs)
         scheduler_config = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
                                       "scheduler config")
         modules = build_models(configs, dtype, attention_implementation, gradient_checkpointing,
@@ -178,7 +233,7 @@ class StableDiffusion:
         param_dtype = dtype or jnp.float32
         params = {}
         for component, module in modules.items():
-            weights = find_weights(os.path.join(folder, component), COMPONENT_KINDS[component], variant)
+            weights = find_weights(dirs[component], COMPONENT_KINDS[component], variant)
             source, torch_layout = open_weights(weights)
             params[component] = load_params(source, param_shapes(module, component), component,
                                             param_dtype, torch_layout=torch_layout)

@@ -13,13 +13,14 @@ import numpy as np
 
 from sdjax.config import parse_train_args
 from sdjax.parallel import make_mesh
-from sdjax.train.loop import data_and_model, start_run
+from sdjax.train.inputs import open_inputs
+from sdjax.train.setup import start_run
 
 
 def main(result_path, argv):
     cfg, notes = parse_train_args(argv)
     is_main = start_run(cfg, notes)
-    images, sd, loader = data_and_model(cfg, is_main, make_mesh(), use_cache=True)
+    loader = open_inputs(cfg, is_main, make_mesh(), use_cache=True).loader
     steps = int(loader.steps_per_epoch)
     plans, latents = [], []
     with ThreadPoolExecutor(2) as pool:
@@ -29,7 +30,7 @@ def main(result_path, argv):
             plans.append({"size": list(size), "indices": indices.tolist()})
             latents.append(np.asarray(batch["latent_mean"], np.float64).sum(axis=(2, 3, 4)).tolist())
     with open(result_path, "w") as f:
-        json.dump({"process": jax.process_index(), "images": len(images), "plans": plans,
+        json.dump({"process": jax.process_index(), "plans": plans,
                    "latent_sums": latents}, f)
 
 

@@ -17,7 +17,7 @@ from sdjax.config import parse_train_args
 from sdjax.data import Loader, open_dataset
 from sdjax.data.latent_cache import CacheMismatch, LatentCache
 from sdjax.schedule import NoiseSchedule
-from sdjax.train.loop import load_base_model
+from sdjax.pipeline import load_pipeline
 from sdjax.train.step import LossConfig, make_loss_fn
 from tests.conftest import DEMO_DATA
 
@@ -44,7 +44,7 @@ def _args(folder, out, extra=""):
 def _run_parts(args):
     cfg, _ = parse_train_args(args)
     images = open_dataset(train_data_dir=cfg.train_data_dir, seed=cfg.run_seed)
-    sd = load_base_model(cfg.pretrained_model_name_or_path, cfg.run_seed)
+    sd = load_pipeline(cfg.pretrained_model_name_or_path, cfg.run_seed)
     return cfg, images, sd
 
 
@@ -184,7 +184,7 @@ def test_cache_from_a_tfds_data_set(tfds_dir, tmp_path):
     assert main(["cache"] + args) == 0
     cfg, _ = parse_train_args(args)
     images = open_dataset(cfg.dataset_name, tfds_data_dir=tfds_dir, caption_column="caption")
-    sd = load_base_model("tiny", 0)
+    sd = load_pipeline("tiny", 0)
     cache = LatentCache.open(cache_directory(cfg), cache_key(cfg, sd, images))
     assert len(cache) == 12 and images.captions[0] in cache._caption_row
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sdjax.cli import main
-from sdjax.train.export import checkpoint_meta
+from sdjax.checkpoints import read_meta as checkpoint_meta
 from tests.conftest import DEMO_DATA
 from tests.test_train_loop import _error_line, unet_weights
 
@@ -116,7 +116,7 @@ def test_branch_from_an_older_checkpoint(tmp_path, capsys, monkeypatch):
 
 def test_checkpoint_names_and_paths(tmp_path, capsys):
     from sdjax.errors import ConfigError
-    from sdjax.train.checkpoint import CheckpointRef, parse_ref
+    from sdjax.checkpoints import CheckpointRef, parse_ref
 
     assert parse_ref("latest") == CheckpointRef(None)
     for name in ("500", "checkpoint-500", "checkpoint_500"):
@@ -133,8 +133,8 @@ def test_checkpoint_names_and_paths(tmp_path, capsys):
 
 
 def test_non_finite_weights_are_never_saved():
-    from sdjax.train.loop import TrainingStopped, _check_finite
-    from sdjax.train.step import TrainState
+    from sdjax.train.guard import TrainingStopped, check_finite as _check_finite
+    from sdjax.train.state import TrainState
 
     class Checkpoints:
         def last_good(self):

@@ -177,8 +177,7 @@ def validation_for(flags, sd=None):
                                DEMO_DATA, "--report_to", "none", *flags])
     cfg.validate()
     sd = sd or StableDiffusion.from_config("tiny", seed=0)
-    sampler_params = sd.sampler().place({c: sd.params[c] for c in ("vae", "text_encoder")})
-    return Validation(cfg, sd, build_models(sd.configs), sampler_params, sd.sampler().mesh,
+    return Validation(cfg, sd, build_models(sd.configs), sd.sampler().mesh,
                       MetricsWriter(cfg, False), False, steps_per_epoch=1.5), sd
 
 
@@ -220,15 +219,15 @@ def test_repeated_validation_holds_no_device_memory(run, tmp_path):
                                      "--validation_guidance_scale", "4.0",
                                      "--validation_scheduler", "euler_a",
                                      "--output_dir", str(tmp_path)])
-    state = types.SimpleNamespace(params=sd.sampler().place(sd.params["unet"]), ema=None)
+    params = sd.sampler().place(sd.params)
 
     def device_bytes():
         gc.collect()
         arrays = jax.live_arrays()
         return len(arrays), sum(a.nbytes for a in arrays)
 
-    validation.run(1, state)
+    validation.run(1, params)
     after_first = device_bytes()
     for step in (2, 3):
-        validation.run(step, state)
+        validation.run(step, params)
     assert device_bytes() == after_first

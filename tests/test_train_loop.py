@@ -14,7 +14,8 @@ from sdjax import StableDiffusion
 from sdjax.cli import main
 from sdjax.data import Loader, open_dataset
 from sdjax.schedule import NoiseSchedule
-from sdjax.train.step import LossConfig, init_state, make_loss_fn, make_train_step
+from sdjax.train.state import init_state
+from sdjax.train.step import LossConfig, make_loss_fn, make_train_step
 from tests.conftest import DEMO_DATA
 
 
@@ -35,12 +36,12 @@ def test_accumulated_micro_batches_equal_one_batch(tiny_sd):
     loss_fn = make_loss_fn(sd.unet, sd.vae, sd.text_encoder, schedule,
                            LossConfig(noise_offset=0.1, input_perturbation=0.1, snr_gamma=5.0))
     tx = optax.sgd(0.5)
-    step = jax.jit(make_train_step(loss_fn, tx, lambda count: 0.5))
+    step = jax.jit(make_train_step(loss_fn, tx, lambda count: {"lr": 0.5}))
     frozen = {"vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
     rng = np.random.default_rng(0)
     pixels = rng.uniform(-1, 1, (4, 3, 32, 32)).astype(np.float32)
     ids = rng.integers(0, 500, (4, 77)).astype(np.int32)
-    state = init_state(sd.params["unet"], tx, use_ema=True)
+    state = init_state({"unet": sd.params["unet"]}, tx, use_ema=True)
     results = {}
     for k in (1, 2):
         batch = {"pixel_values": pixels.reshape(k, 4 // k, 3, 32, 32),
@@ -190,9 +191,13 @@ def test_checkpoint_references_and_total_limit(tmp_path):
     from sdjax.errors import ConfigError
     from sdjax.train import checkpoint as ckpt
 
+    from sdjax.checkpoints import state_layout
+
+    layout = state_layout(["unet"], ema=False)
     manager = ckpt.make_manager(str(tmp_path / "checkpoints"), max_to_keep=2)
     for step in (5, 10, 15):
-        ckpt.save(manager, step, {"w": np.full(3, step, np.float32)}, {"step": step})
+        ckpt.save(manager, step, {"w": np.full(3, step, np.float32)},
+                  {"step": step, "state_layout": layout})
     manager.wait_until_finished()
     assert manager.all_steps() == [10, 15]  # --checkpoints_total_limit=2
     for ref, step in [("latest", 15), ("checkpoint-10", 10), ("checkpoint_10", 10), ("15", 15),
@@ -200,6 +205,11 @@ def test_checkpoint_references_and_total_limit(tmp_path):
         assert ckpt.resolve_step(manager, ref) == step, ref
     with pytest.raises(ConfigError, match="complete checkpoints: 10, 15"):
         ckpt.resolve_step(manager, "checkpoint-5")
-    state, meta = ckpt.restore(manager, 10, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
-    assert meta == {"step": 10} and float(state["w"][0]) == 10.0
+    state, meta = ckpt.restore(manager, 10, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, layout)
+    assert meta["step"] == 10 and float(state["w"][0]) == 10.0
+    # A checkpoint of another layout is refused with one line saying what differs.
+    with pytest.raises(ConfigError, match="holds unet trained, EMA off; this run has unet \\+ "
+                                          "text_encoder trained, EMA on"):
+        ckpt.restore(manager, 10, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)},
+                     state_layout(["unet", "text_encoder"], ema=True))
     manager.close()

@@ -126,9 +126,16 @@ class Loader:
         self.batches_per_epoch = len(images) // global_batch
         self.buckets = buckets
         self.cache = cache  # a LatentCache: batches of latent moments and text embeddings
+        self.cached_text = True  # False: the cache's latents with token ids (text encoder trained)
+        self.text_embeddings = None  # pre-computed caption embeddings (.embeddings(captions))
         if buckets is not None:
             self._groups = {}
             self.batches_per_epoch = len(self._epoch_groups(0)) * self.k
+
+    @property
+    def supplies_text_embeddings(self) -> bool:
+        """Whether batches carry text embeddings instead of token ids."""
+        return (self.cache is not None and self.cached_text) or self.text_embeddings is not None
 
     @property
     def steps_per_epoch(self) -> float:
@@ -208,9 +215,17 @@ class Loader:
         captions = [c for _, c in samples]
         data = np.stack([d for d, _ in samples])
         if self.cache is not None:
-            return {"latent_mean": data[:, 0], "latent_std": data[:, 1],
-                    "text_embeddings": self.cache.embeddings(captions)}
-        return {"pixel_values": data, "input_ids": self.tokenize(captions)}
+            batch = {"latent_mean": data[:, 0], "latent_std": data[:, 1]}
+        else:
+            batch = {"pixel_values": data}
+        return dict(batch, **self._text(captions))
+
+    def _text(self, captions: list) -> dict:
+        if self.cache is not None and self.cached_text:
+            return {"text_embeddings": self.cache.embeddings(captions)}
+        if self.text_embeddings is not None:
+            return {"text_embeddings": self.text_embeddings.embeddings(captions)}
+        return {"input_ids": self.tokenize(captions)}
 
     def tokenize(self, captions: list) -> np.ndarray:
         return tokenize(self.tokenizer, captions)

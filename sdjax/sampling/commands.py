@@ -13,9 +13,10 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdjax import storage
-
+from sdjax.checkpoints import base_model
 from sdjax.errors import ConfigError
 from sdjax.parallel import sync_hosts
 from sdjax.sampling.images import grid, labelled_grid, to_pil
@@ -33,6 +34,13 @@ def _dtype(name: str):
     return None if name == "float32" else jnp.dtype(name)
 
 
+def _as_dtype(params: dict, name: str) -> dict:
+    """Checkpoint weights (float32) in the dtype the pipeline was loaded in."""
+    if name == "float32":
+        return params
+    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.dtype(name)), params)
+
+
 def _negative(args):
     """One --negative_prompt applies to every prompt; several give one per prompt."""
     negative = args.negative_prompt
@@ -47,8 +55,8 @@ def _sampling_settings(args, sd) -> dict:
 
 def generate(args) -> list:
     """Writes one PNG per image, grid.png (a row per prompt) and generate.json; -> the paths."""
-    from sdjax.train.export import base_model, checkpoint_meta, read_unet
-    from sdjax.train.loop import load_base_model
+    from sdjax.checkpoints import read_meta, read_trained
+    from sdjax.pipeline import load_pipeline
 
     if not args.model and not args.checkpoint:
         raise ConfigError("give --model (a diffusers folder or hub id) or --checkpoint")
@@ -57,12 +65,12 @@ def generate(args) -> list:
     prompts = prompt_list(args.prompt, "--prompt")
     step = used_ema = meta = None
     if args.checkpoint:
-        meta = checkpoint_meta(args.checkpoint)
-    sd = (load_base_model(args.model, 0, dtype=_dtype(args.dtype)) if args.model
+        meta = read_meta(args.checkpoint)
+    sd = (load_pipeline(args.model, 0, dtype=_dtype(args.dtype)) if args.model
           else base_model(meta, dtype=_dtype(args.dtype)))
     if args.checkpoint:
-        sd.params["unet"], step, meta, used_ema = read_unet(args.checkpoint, sd.params["unet"],
-                                                            args.ema)
+        trained, step, meta, used_ema = read_trained(args.checkpoint, sd.params, args.ema)
+        sd.params.update(_as_dtype(trained, args.dtype))
     settings = _sampling_settings(args, sd)
     images = sd(prompts, _negative(args), num_images_per_prompt=args.num_images,
                 output_type="pil", **settings)
@@ -116,9 +124,8 @@ def compare(args) -> str:
     """Samples every prompt from each chosen checkpoint of a run (and its exported final
     pipeline, with --steps all) with the same seeds; writes the labelled grid, rows prompts and
     columns checkpoints. -> the grid's path."""
+    from sdjax import checkpoints as ckpt
     from sdjax.pipeline import StableDiffusion
-    from sdjax.train import checkpoint as ckpt
-    from sdjax.train.export import base_model, checkpoint_meta, read_unet
 
     prompts = prompt_list(args.prompts, "--prompts")
     directory = ckpt.checkpoint_dir(args.output_dir)
@@ -129,10 +136,10 @@ def compare(args) -> str:
         manager.close()
     steps = _choose_steps(args.steps, available, directory)
     paths = [ckpt.step_path(directory, s) for s in steps]
-    sd = base_model(checkpoint_meta(paths[0]), dtype=_dtype(args.dtype))
+    sd = ckpt.base_model(ckpt.read_meta(paths[0]), dtype=_dtype(args.dtype))
     sampler = sd.sampler()
     settings = _sampling_settings(args, sd)
-    frozen = sampler.place({c: sd.params[c] for c in ("vae", "text_encoder")})
+    base = sampler.place(sd.params)
 
     columns, labels = [], []
     final = storage.join(args.output_dir, "model_index.json")
@@ -142,16 +149,17 @@ def compare(args) -> str:
     for label, path in weights:
         if path is None:
             with storage.local_copy(args.output_dir, skip=RUN_FOLDERS) as folder:
-                unet = StableDiffusion.from_pretrained(folder).params["unet"]
+                trained = StableDiffusion.from_pretrained(folder).params
         else:
-            unet, _, _, used_ema = read_unet(path, sd.params["unet"], args.ema)
+            trained, _, _, used_ema = ckpt.read_trained(path, sd.params, args.ema)
             label += " EMA" if used_ema else ""
-        out = sampler.sample(dict(frozen, unet=unet), prompts, _negative(args), **settings)
+        trained = _as_dtype(trained, args.dtype)
+        out = sampler.sample(dict(base, **trained), prompts, _negative(args), **settings)
         columns.append(to_pil(out.images))
         labels.append(label)
         if jax.process_index() == 0:
             print(f"{label}: {len(prompts)} images in {out.seconds:.1f} s")
-        del unet, out
+        del trained, out
     output = args.output or storage.join(args.output_dir, "compare.png")
     if jax.process_index() == 0:
         cells = [[column[r] for column in columns] for r in range(len(prompts))]

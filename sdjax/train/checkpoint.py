@@ -1,8 +1,8 @@
 """Orbax checkpoints of the training state, with the metadata needed to resume and export.
 
-A checkpoint `output_dir/checkpoints/checkpoint_N` holds the train state (UNet params, optimizer
-state, EMA, step) and a JSON record: the run config, where the frozen base weights came from
-(they are not copied), the data position and the sdjax version. Orbax writes each checkpoint
+A checkpoint `output_dir/checkpoints/checkpoint_N` holds the train state (the trained
+components' params, optimizer state, EMA, step) and a JSON record (see `sdjax.checkpoints`, which
+also reads them for export). Orbax writes each checkpoint
 under a temporary name (on a bucket: with a commit marker) and makes it visible when complete,
 so a save cut short (SIGKILL, preemption) is never listed and `latest` is always the last
 complete one.
@@ -15,64 +15,18 @@ number in `checkpoints/` belong to one line of training.
 
 from __future__ import annotations
 
-import dataclasses
-import re
 import time
 from typing import Optional
 
 import orbax.checkpoint as ocp
 
 from sdjax import storage
+from sdjax.checkpoints import (PREFIX, checkpoint_dir, layout_difference, layout_of, make_manager,
+                               open_checkpoint, parse_ref, step_path)
 from sdjax.errors import ConfigError, SdjaxError
 from sdjax.parallel import sync_hosts
 
-PREFIX = "checkpoint"
 ABANDONED = "abandoned_checkpoints"
-_NAME = re.compile(r"checkpoint[-_](\d+)")
-
-
-def checkpoint_dir(output_dir: str) -> str:
-    return storage.join(storage.absolute(output_dir), "checkpoints")
-
-
-def step_path(directory: str, step: int) -> str:
-    return storage.join(directory, f"{PREFIX}_{step}")
-
-
-def make_manager(directory: str, max_to_keep: Optional[int] = None,
-                 read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, step_prefix=PREFIX, enable_async_checkpointing=not read_only,
-        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(directory, options=options)
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointRef:
-    """What --resume_from_checkpoint names: a step of this run (`directory` None; `step` None
-    for latest) or a checkpoint folder anywhere."""
-    step: Optional[int]
-    directory: Optional[str] = None
-
-
-def parse_ref(ref: str) -> CheckpointRef:
-    """`latest`, `N`, `checkpoint-N` (the diffusers name) or `checkpoint_N` (the name sdjax
-    writes) name a checkpoint of this run; a path (local or gs://) names a checkpoint folder."""
-    ref = str(ref).strip()
-    if ref == "latest":
-        return CheckpointRef(None)
-    if re.fullmatch(r"\d+", ref):
-        return CheckpointRef(int(ref))
-    if _NAME.fullmatch(ref):
-        return CheckpointRef(int(_NAME.fullmatch(ref).group(1)))
-    if "/" in ref or storage.exists(ref):
-        match = _NAME.fullmatch(storage.basename(ref))
-        if not match:
-            raise ConfigError(f"--resume_from_checkpoint={ref!r} is not a checkpoint folder "
-                              f"(expected a path ending in {PREFIX}_N)")
-        return CheckpointRef(int(match.group(1)), storage.absolute(storage.dirname(ref)))
-    raise ConfigError(f"--resume_from_checkpoint={ref!r}: give latest, checkpoint-N, N or the "
-                      f"path of a {PREFIX}_N folder")
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, meta: dict, force: bool = False) -> None:
@@ -98,41 +52,22 @@ def resolve_step(manager: ocp.CheckpointManager, ref: str) -> Optional[int]:
     return named.step
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple:
-    """-> (state laid out like `abstract_state`, metadata dict)."""
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, layout: dict) -> tuple:
+    """-> (state laid out like `abstract_state`, metadata dict). A checkpoint whose state layout
+    (what is trained, EMA) is not `layout` is refused before anything is read."""
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    different = layout_difference(layout_of(meta), layout)
+    if different:
+        raise ConfigError(f"checkpoint {step_path(manager.directory, step)} does not fit this "
+                          f"run: {different}")
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(abstract_state)))
     except ValueError as e:
         detail = " ".join(str(e).split())[:240]
         raise ConfigError(f"checkpoint step {step} in {manager.directory} does not fit this run's "
-                          f"training state (another model or --use_ema setting?): {detail}") from None
-    return restored["state"], restored["meta"]
-
-
-def open_checkpoint(checkpoint_path: str, what: str = "--checkpoint") -> tuple:
-    """-> (read-only manager, step) of a checkpoint folder `.../checkpoint_N` (local or gs://);
-    refused unless it is complete."""
-    path = storage.absolute(checkpoint_path)
-    match = _NAME.fullmatch(storage.basename(path))
-    if not match:
-        raise ConfigError(f"{what} {checkpoint_path} is not a checkpoint folder "
-                          f"(expected .../checkpoints/{PREFIX}_N)")
-    step = int(match.group(1))
-    if not storage.isdir(path):
-        raise ConfigError(f"{what} {checkpoint_path} does not exist")
-    manager = make_manager(storage.dirname(path), read_only=True)
-    if step not in manager.all_steps():
-        manager.close()
-        raise ConfigError(f"{what} {checkpoint_path} is incomplete (its save was cut short)")
-    return manager, step
-
-
-def read_meta(checkpoint_path: str) -> tuple:
-    """-> (manager, step, meta) for a checkpoint folder path (for export)."""
-    manager, step = open_checkpoint(checkpoint_path)
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    return manager, step, meta
+                          f"training state (another model?): {detail}") from None
+    return restored["state"], meta
 
 
 class RunCheckpoints:
@@ -153,7 +88,7 @@ class RunCheckpoints:
         self.saved: list = []
         self._checked_branch = False
 
-    def resume(self, ref: str, abstract_state) -> Optional[tuple]:
+    def resume(self, ref: str, abstract_state, layout: dict) -> Optional[tuple]:
         """-> (state, meta, step) restored from `ref`, or None for `latest` with no checkpoint.
         The run's branch starts at that step."""
         named = parse_ref(ref)
@@ -166,7 +101,7 @@ class RunCheckpoints:
             if step is None:
                 return None
         try:
-            state, meta = restore(manager, step, abstract_state)
+            state, meta = restore(manager, step, abstract_state, layout)
         finally:
             if elsewhere:
                 manager.close()

@@ -1,7 +1,11 @@
-"""optax AdamW with global-norm clipping and the diffusers learning-rate schedules; EMA decay."""
+"""optax AdamW with global-norm clipping over everything trained, per-component learning rates,
+the diffusers learning-rate schedules, and EMA decay."""
 
 from __future__ import annotations
 
+from typing import Callable, Mapping
+
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -34,13 +38,23 @@ def learning_rate_schedule(name: str, peak: float, warmup_steps: int, total_step
     return schedule
 
 
-def make_optimizer(schedule, *, beta1: float, beta2: float, eps: float, weight_decay: float,
-                   max_grad_norm: float) -> optax.GradientTransformation:
+def component_labels(params: dict) -> dict:
+    """Each leaf labelled with its component (the top-level key of the trainable set)."""
+    return {c: jax.tree_util.tree_map(lambda _, c=c: c, tree) for c, tree in params.items()}
+
+
+def make_optimizer(schedules: Mapping[str, Callable], *, beta1: float, beta2: float, eps: float,
+                   weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:
+    """Clipping over the global norm of every trained component together (as diffusers clips
+    the chained parameters), then AdamW per component with that component's schedule, through
+    `optax.partition`. `schedules` maps each trained component to its learning-rate schedule."""
     # Clipping stays in the chain when off (an infinite norm), so that the optimizer state has
     # one structure and a checkpoint resumes whatever --max_grad_norm the new run gives.
     limit = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
+    per_component = {c: optax.adamw(s, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay)
+                     for c, s in schedules.items()}
     return optax.chain(optax.clip_by_global_norm(limit),
-                       optax.adamw(schedule, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay))
+                       optax.partition(per_component, component_labels))
 
 
 def ema_decay(optimizer_steps, max_decay: float = 0.9999):

@@ -1,9 +1,14 @@
-"""The training state and the pure, jitted update step.
+"""The pure, jitted update step.
 
-`train_step(state, frozen, batch, key) -> (state, metrics)`: state = {step, params, opt_state,
-ema}; frozen = VAE and text encoder parameters (never donated; empty when training from the
-latent cache); batch arrays are shaped (k micro-batches, global rows, ...): pixel_values and
-input_ids, or latent_mean, latent_std and text_embeddings from the cache. Gradients are averaged over the k micro-batches in a
+`train_step(state, frozen, batch, key) -> (state, metrics)`: `state` is a `TrainState` whose
+params are the trainable set (a dict keyed by component); `frozen` holds the other components
+(never donated; the VAE is absent when training from the latent cache, the text encoder when its
+embeddings come with the batch). The loss sees the merged view `{**frozen, **trainable}` and
+differentiates the trainable part only.
+
+Batch arrays are shaped (k micro-batches, global rows, ...): pixel_values or the cached
+latent_mean / latent_std; input_ids or text_embeddings; with DreamBooth prior preservation a
+prior_mask (1.0 on class-image rows). Gradients are averaged over the k micro-batches in a
 `lax.scan`, so one call is one optimizer step whatever the accumulation.
 
 Every random draw of a sample (latent sample, noise, timestep, offset noise, perturbation) comes
@@ -14,29 +19,15 @@ it arrives in one batch of B or in k micro-batches of B/k, on one host or on man
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 from sdjax.schedule import NoiseSchedule
 from sdjax.train.optimizer import ema_decay
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    ema: Optional[Any] = None
-
-
-def init_state(params, tx: optax.GradientTransformation, use_ema: bool) -> TrainState:
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=jax.tree_util.tree_map(jnp.copy, params) if use_ema else None)
+from sdjax.train.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +35,7 @@ class LossConfig:
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
     snr_gamma: Optional[float] = None
+    prior_loss_weight: float = 1.0
 
 
 def _per_sample_draws(key, positions, latent_shape, num_timesteps):
@@ -57,12 +49,25 @@ def _per_sample_draws(key, positions, latent_shape, num_timesteps):
     return jax.vmap(draw)(positions)
 
 
+def weighted_loss(per_sample, prior_mask, snr_weights, prior_loss_weight: float):
+    """diffusers' DreamBooth loss, which is the plain mean when there are no class rows:
+    mean over instance rows of (min-SNR weight x MSE) + prior_loss_weight x mean over class
+    rows of MSE (min-SNR applies to instance rows only, as in train_dreambooth.py)."""
+    instance = 1.0 - prior_mask
+    if snr_weights is not None:
+        per_sample = per_sample * jnp.where(prior_mask > 0, 1.0, snr_weights)
+    instance_loss = jnp.sum(per_sample * instance) / jnp.maximum(jnp.sum(instance), 1.0)
+    prior_loss = jnp.sum(per_sample * prior_mask) / jnp.maximum(jnp.sum(prior_mask), 1.0)
+    return instance_loss + prior_loss_weight * prior_loss
+
+
 def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: LossConfig):
-    def loss_fn(unet_params, frozen, batch, key, first_position):
+    def loss_fn(trainable, frozen, batch, key, first_position):
+        params = {**frozen, **trainable}
         if "latent_mean" in batch:  # from the latent cache: the VAE's output, read from disk
             mean, std = batch["latent_mean"], batch["latent_std"]
         else:
-            dist = vae.apply({"params": frozen["vae"]}, batch["pixel_values"], method="encode")
+            dist = vae.apply({"params": params["vae"]}, batch["pixel_values"], method="encode")
             mean, std = dist.mean, dist.std
         mean = jax.lax.stop_gradient(mean.astype(jnp.float32))
         std = jax.lax.stop_gradient(std.astype(jnp.float32))
@@ -75,22 +80,24 @@ def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: 
             noise = noise + loss_config.noise_offset * offset
         noised_with = noise + loss_config.input_perturbation * perturb if loss_config.input_perturbation else noise
         noisy = schedule.add_noise(latents, noised_with, t)
-        if "text_embeddings" in batch:
+        if "text_embeddings" in batch:  # cached or pre-computed: the encoder is frozen
             context = batch["text_embeddings"]
         else:
-            context = text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"])
-        context = jax.lax.stop_gradient(context)
-        pred = unet.apply({"params": unet_params}, noisy, t, context).astype(jnp.float32)
+            context = text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])
+        pred = unet.apply({"params": params["unet"]}, noisy, t, context).astype(jnp.float32)
         target = schedule.target(latents, noise, t)
         per_sample = jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim)))
-        if loss_config.snr_gamma is not None:
-            per_sample = per_sample * schedule.min_snr_weights(t, loss_config.snr_gamma)
-        return jnp.mean(per_sample)
+        snr_weights = (schedule.min_snr_weights(t, loss_config.snr_gamma)
+                       if loss_config.snr_gamma is not None else None)
+        prior_mask = batch.get("prior_mask", jnp.zeros((rows,), jnp.float32))
+        return weighted_loss(per_sample, prior_mask.astype(jnp.float32), snr_weights,
+                             loss_config.prior_loss_weight)
 
     return loss_fn
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr_schedule: Callable):
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, learning_rates: Callable):
+    """`learning_rates(step)` -> the metrics naming each learning rate (e.g. lr, lr_text_encoder)."""
     def train_step(state: TrainState, frozen, batch, key):
         k, rows = jax.tree_util.tree_leaves(batch)[0].shape[:2]
         step_key = jax.random.fold_in(key, state.step)
@@ -121,7 +128,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr_sche
             decay = ema_decay(state.step + 1)
             ema = jax.tree_util.tree_map(lambda e, p: e - (1.0 - decay) * (e - p), ema, params)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                   "lr": lr_schedule(state.step)}
+                   **learning_rates(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
     return train_step

@@ -21,8 +21,7 @@ from sdjax.sampling.schedulers import default_scheduler_name, make_scheduler
 
 
 class Validation:
-    def __init__(self, cfg, sd, models, frozen, mesh, writer, is_main: bool, steps_per_epoch):
-        """`frozen`: the VAE and text encoder parameters on the devices."""
+    def __init__(self, cfg, sd, models, mesh, writer, is_main: bool, steps_per_epoch):
         self.prompts = cfg.all_validation_prompts
         self.per_prompt = cfg.num_validation_images
         self.settings = dict(num_inference_steps=cfg.validation_num_inference_steps,
@@ -41,7 +40,6 @@ class Validation:
         make_scheduler(cfg.validation_scheduler or default_scheduler_name(sd.scheduler_config),
                        sd.scheduler_config, cfg.validation_num_inference_steps)
         self.sampler.check_size(cfg.resolution, "--resolution")
-        self.frozen = frozen
         self.writer = writer
         self.is_main = is_main
         self.folder = storage.join(cfg.output_dir, "validation")
@@ -53,9 +51,9 @@ class Validation:
     def path(self, step: int) -> str:
         return storage.join(self.folder, f"step-{step:07d}.png")
 
-    def run(self, step: int, state) -> str:
-        """Samples the prompts with the state's weights and writes the grid; -> its path."""
-        params = dict(self.frozen, unet=state.ema if self.use_ema else state.params)
+    def run(self, step: int, params: dict) -> str:
+        """Samples the prompts with `params` (every model's weights on the devices: the trained
+        ones, EMA when kept, and the frozen ones) and writes the grid; -> its path."""
         out = self.sampler.sample(params, self.prompts, **self.settings)
         images = to_pil(out.images)
         path = self.path(step)

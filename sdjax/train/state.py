@@ -1,0 +1,70 @@
+"""The train state and where each of its leaves lives.
+
+    TrainState(step, params, opt_state, ema)
+
+`params` (and `ema`) is the trainable set: a dict keyed by component ({"unet": ...},
+{"unet": ..., "text_encoder": ...}; adapters later); everything else is frozen and passed to the
+step separately, never donated. The step's loss sees the merged view `{**frozen, **params}`, so
+full fine-tuning, text-encoder training and DreamBooth differ only in what is in `params` and
+in the data, never in the step's code.
+
+Every leaf's device placement comes from `state_shardings` / `frozen_shardings` (today: all
+replicated, the pmap model on a mesh); a sharded layout changes these two functions only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from sdjax.parallel import replicated
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any                 # {component: parameter tree}, float32 master weights
+    opt_state: Any
+    ema: Optional[Any] = None   # the same structure as params, or None without EMA
+
+
+def init_state(trainable: dict, tx: optax.GradientTransformation, use_ema: bool) -> TrainState:
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema=jax.tree_util.tree_map(jnp.copy, params) if use_ema else None)
+
+
+def split_params(params: dict, trained: list) -> tuple:
+    """(trainable, frozen): the components in `trained` and the rest."""
+    return ({c: params[c] for c in trained},
+            {c: p for c, p in params.items() if c not in trained})
+
+
+def state_shardings(mesh: Mesh, abstract_state):
+    """The sharding of every leaf of the train state (its shapes: `jax.eval_shape` of
+    `init_state`)."""
+    return jax.tree_util.tree_map(lambda _: replicated(mesh), abstract_state)
+
+
+def frozen_shardings(mesh: Mesh, frozen):
+    return jax.tree_util.tree_map(lambda _: replicated(mesh), frozen)
+
+
+def place(tree, shardings):
+    """Host arrays (the same on every host) placed with the given shardings on every host."""
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def trained_weights(state: TrainState, use_ema: bool) -> dict:
+    """The weights to sample or export: the EMA copy when kept, else the raw ones."""
+    return state.ema if use_ema and state.ema is not None else state.params

@@ -1,0 +1,109 @@
+"""What the step needs, built once per run: the models, the optimizer over the trainable set, the
+train state and the frozen set placed on the devices, and the jitted step."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.checkpoints import state_layout
+from sdjax.config import TrainConfig
+from sdjax.parallel import batch_sharded, replicated
+from sdjax.schedule import NoiseSchedule
+from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
+from sdjax.train.state import (TrainState, frozen_shardings, init_state, place, split_params,
+                               state_shardings, trained_weights)
+from sdjax.train.step import LossConfig, make_loss_fn, make_train_step
+
+
+@dataclasses.dataclass
+class Trainer:
+    models: dict                # linen modules: unet, vae, text_encoder
+    schedule: NoiseSchedule
+    state: TrainState           # on the devices
+    frozen: dict                # what the step reads and does not train, on the devices
+    step_fn: Callable           # jitted (state, frozen, batch) -> (state, metrics); donates state
+    layout: dict                # what the checkpoints hold (sdjax.checkpoints.state_layout)
+    _sd: object
+    _mesh: object
+    _use_ema: bool
+    _extra: Optional[dict] = None   # frozen weights placed for sampling only
+
+    def abstract_state(self):
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+
+    def sampling_params(self, state: TrainState) -> dict:
+        """Every model's weights for sampling: the trained ones (EMA when kept) and the frozen
+        ones, placed once (the step may not hold all of them: see `build_trainer`)."""
+        trained = trained_weights(state, self._use_ema)
+        missing = [c for c in ("unet", "vae", "text_encoder")
+                   if c not in trained and c not in self.frozen]
+        if missing and self._extra is None:
+            dtype = self.models["unet"].dtype
+            host = {c: _cast(self._sd.params[c], dtype) for c in missing}
+            self._extra = place(host, frozen_shardings(self._mesh, host))
+        return {**self.frozen, **(self._extra or {}), **trained}
+
+
+def _cast(tree, dtype):
+    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
+
+
+def learning_rates(cfg: TrainConfig, max_steps: int, devices: int) -> dict:
+    """Each trained component's learning-rate schedule (--text_encoder_lr defaults to
+    --learning_rate, as in diffusers)."""
+    scale = cfg.gradient_accumulation_steps * cfg.train_batch_size * devices if cfg.scale_lr else 1
+    peaks = {"unet": cfg.learning_rate}
+    if cfg.train_text_encoder:
+        peaks["text_encoder"] = cfg.text_encoder_lr or cfg.learning_rate
+    return {c: learning_rate_schedule(cfg.lr_scheduler, peak * scale, cfg.lr_warmup_steps,
+                                      max_steps) for c, peak in peaks.items()}
+
+
+def build_trainer(cfg: TrainConfig, sd, loader, mesh, max_steps: int) -> Trainer:
+    from sdjax.pipeline import build_models
+
+    dtype = jnp.dtype(cfg.compute_dtype_name)
+    schedules = learning_rates(cfg, max_steps, jax.device_count())
+    tx = make_optimizer(schedules, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2,
+                        eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay,
+                        max_grad_norm=cfg.max_grad_norm)
+    models = build_models(sd.configs, dtype, cfg.attention_implementation,
+                          cfg.gradient_checkpointing, cfg.remat_policy)
+    schedule = NoiseSchedule.from_config(sd.scheduler_config)
+    loss_fn = make_loss_fn(models["unet"], models["vae"], models["text_encoder"], schedule,
+                           LossConfig(cfg.effective_noise_offset, cfg.input_perturbation,
+                                      cfg.snr_gamma, cfg.prior_loss_weight))
+
+    def metrics_lr(step):
+        return {("lr" if c == "unet" else f"lr_{c}"): s(step) for c, s in schedules.items()}
+
+    base_step = make_train_step(loss_fn, tx, metrics_lr)
+
+    trainable, frozen = split_params(sd.params, cfg.trained_components)
+    # What the batch brings instead: cached latents (no VAE), cached or pre-computed text
+    # embeddings (no text encoder).
+    if loader.cache is not None:
+        frozen.pop("vae", None)
+    if loader.supplies_text_embeddings:
+        frozen.pop("text_encoder", None)
+    frozen = _cast(frozen, dtype)
+    frozen_sharding = frozen_shardings(mesh, frozen)
+    frozen = place(frozen, frozen_sharding)
+
+    use_ema = cfg.use_ema
+    abstract = jax.eval_shape(lambda p: init_state(p, tx, use_ema), trainable)
+    shardings = state_shardings(mesh, abstract)
+    state = jax.jit(lambda p: init_state(p, tx, use_ema), out_shardings=shardings)(
+        place(trainable, shardings.params))
+    key = jax.random.key(cfg.run_seed)
+    step_fn = jax.jit(lambda s, f, b: base_step(s, f, b, key),
+                      in_shardings=(shardings, frozen_sharding, batch_sharded(mesh, 1)),
+                      out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+    layout = state_layout(cfg.trained_components, cfg.use_ema)
+    return Trainer(models, schedule, state, frozen, step_fn, layout, sd, mesh, use_ema)
