@@ -4,6 +4,7 @@
   imagefolder (`--train_data_dir` with metadata.jsonl/csv/parquet).
 - A plain folder of images with same-name caption files (`a/b/0001.png` + `a/b/0001.txt`,
   nested folders included), the layout most community trainers use.
+- A folder of images sharing one prompt (DreamBooth's instance and class images).
 - TensorFlow Datasets: `--dataset_name tfds:NAME[/CONFIG][:SPLIT]` (+ `--tfds_data_dir`), a
   prepared array_record data set read with random access, without TensorFlow.
 
@@ -121,6 +122,10 @@ class FolderImages(CaptionedImages):
     def contents(self) -> list:
         return [file_identity(path, self.where) for path in self.paths]
 
+    def first(self, count: int) -> "FolderImages":
+        """The first `count` images (diffusers' DreamBooth reads at most --num_class_images)."""
+        return FolderImages(self.paths[:count], self.captions[:count], self.where)
+
 
 _SAMPLE = 1 << 16
 
@@ -212,6 +217,22 @@ def _open_folder(folder: str, images: list, caption_extension: Optional[str],
                               "add one, or pass --allow_empty_captions to train it unconditioned")
         captions.append(_read_caption_file(found) if found else "")
     return FolderImages(images, captions, folder)
+
+
+def open_image_folder(folder: str, prompt: str, flag: str) -> FolderImages:
+    """The images directly in `folder` (not its sub-folders, like diffusers' DreamBooth), sorted,
+    every one captioned `prompt`: DreamBooth's instance or class images. `flag` names the
+    option the folder came from, for the message."""
+    if not os.path.exists(folder):
+        raise ConfigError(f"{flag} {folder} does not exist")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {folder} is not a folder")
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                   if name.lower().endswith(IMAGE_SUFFIXES)
+                   and os.path.isfile(os.path.join(folder, name)))
+    if not paths:
+        raise ConfigError(f"{flag} {folder} contains no images ({', '.join(IMAGE_SUFFIXES)})")
+    return FolderImages(paths, [prompt] * len(paths), folder)
 
 
 TFDS_PREFIX = "tfds:"
