@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,19 @@ def step_noise(keys, i, shape):
     """Fresh noise for evaluation `i` of an ancestral sampler."""
     return jax.vmap(lambda k: jax.random.normal(
         jax.random.fold_in(jax.random.fold_in(k, 1), i), shape))(keys)
+
+
+def _prompt_indices(given, count: int) -> np.ndarray:
+    """The prompts' indices for the noise keys: `given` checked, or 0..count-1."""
+    if given is None:
+        return np.arange(count, dtype=np.int32)
+    indices = np.asarray(given)
+    if indices.shape != (count,) or not np.issubdtype(indices.dtype, np.integer) \
+            or (indices < 0).any() or (indices >= 2 ** 31).any():
+        raise ConfigError(f"prompt_indices must hold one whole number from 0 to 2**31-1 per "
+                          f"prompt ({count} prompts); got shape {indices.shape}, dtype "
+                          f"{indices.dtype}")
+    return indices.astype(np.int32)
 
 
 @dataclasses.dataclass
@@ -102,10 +115,16 @@ class Sampler:
                guidance_scale: float = 7.5, height: Optional[int] = None,
                width: Optional[int] = None, num_images_per_prompt: int = 1, seed: int = 0,
                scheduler: Optional[str] = None, latents=None, decode: bool = True,
-               prediction_type: Optional[str] = None) -> Samples:
-        """`params`: {"unet", "vae", "text_encoder"} parameter trees (see `place`)."""
+               prediction_type: Optional[str] = None,
+               prompt_indices: Optional[Sequence[int]] = None) -> Samples:
+        """`params`: {"unet", "vae", "text_encoder"} parameter trees (see `place`).
+
+        `prompt_indices` (one per prompt, default 0, 1, ...) are the prompt indices the noise
+        keys are made from: the same prompt given index j in different calls gets the same
+        noise, whichever batch it is in (DreamBooth class image j, made in any call)."""
         start = time.perf_counter()
         prompts = prompt_text.prompt_list(prompt)
+        noise_index = _prompt_indices(prompt_indices, len(prompts))
         negatives = prompt_text.negative_list(negative_prompt, len(prompts))
         height, width = self.check_size(height, "height"), self.check_size(width, "width")
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
@@ -133,7 +152,7 @@ class Sampler:
         padded = math.ceil(count / devices) * devices
         rows = np.minimum(np.arange(padded), count - 1)  # padding repeats the last image
         inputs = dict(ids=ids[rows], negative_ids=negative_ids[rows],
-                      prompt_index=np.array(per_image, np.int32)[rows],
+                      prompt_index=noise_index[per_image][rows],
                       image_index=(np.arange(count, dtype=np.int32) % num_images_per_prompt)[rows],
                       init=(latents[rows] if latents is not None
                             else np.zeros((padded, 1), np.float32)))
