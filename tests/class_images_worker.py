@@ -14,7 +14,7 @@ import jax
 
 from sdjax.errors import ConfigError
 from sdjax.parallel import initialize_distributed
-from sdjax.train.loop import enable_compilation_cache
+from sdjax.train.setup import enable_compilation_cache
 
 SETTINGS = dict(prompt="a photo of a dog", count=5, sample_batch_size=1, num_inference_steps=2,
                 seed=3)

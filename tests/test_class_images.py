@@ -28,7 +28,7 @@ NAMES = [f"class_{j:05d}.png" for j in range(6)]
 @pytest.fixture(scope="module")
 def sd():
     from sdjax import StableDiffusion
-    from sdjax.train.loop import enable_compilation_cache
+    from sdjax.train.setup import enable_compilation_cache
 
     enable_compilation_cache()  # as the trainer does: each call compiles the same program
     return StableDiffusion.from_config("tiny", seed=0)
