@@ -49,7 +49,6 @@ class _StopAt:
 
 
 @pytest.mark.slow
-@pytest.mark.jax_api
 def test_branch_from_an_older_checkpoint(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     ckpts = run / "checkpoints"

@@ -193,7 +193,6 @@ def test_two_hosts_share_buckets_and_the_latent_cache(tmp_path):
     assert {p.name for p in cache.glob("text-host*.npy")} == {"text-host000.npy", "text-host001.npy"}
 
 
-@pytest.mark.jax_api
 def test_hosts_with_different_data_all_stop(tmp_path):
     """One host's copy of the data differs: every host stops with the same message, none is
     left waiting for the others at a barrier."""

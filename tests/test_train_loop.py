@@ -119,7 +119,6 @@ def test_deterministic_and_resume_is_exact(tmp_path, capsys):
         assert tag in data
 
 
-@pytest.mark.jax_api
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"
     args = _demo_args(out, 30, "--logging_steps=1 --checkpointing_steps=1 --max_grad_norm=0")
@@ -174,7 +173,6 @@ def test_bad_data_inputs(tmp_path, capsys):
     assert len(os.listdir(DEMO_DATA)) == 13
 
 
-@pytest.mark.jax_api
 def test_bad_run_inputs(tmp_path, capsys):
     a_file = tmp_path / "file.txt"
     a_file.write_text("not a folder")
