@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
@@ -23,8 +24,6 @@ from sdjax.train.preemption import Preemption
 from sdjax.train.setup import base_model_spec, start_run
 from sdjax.train.steps import StepLoop
 from sdjax.train.trainer import build_trainer
-
-import logging
 
 log = logging.getLogger("sdjax")
 
@@ -120,7 +119,7 @@ def _resume(cfg: TrainConfig, trainer, checkpoints, loader, is_main: bool) -> tu
             print(f"no checkpoint in {checkpoints.directory} yet; starting a new run")
         return trainer.state, 0
     state, meta, step = resumed
-    trainer.state = None  # the restored state replaces the initial one
+    trainer.state = None  # the restored state replaces the initial one: free its buffers
     before = (meta.get("global_batch"), meta.get("accumulation"), meta.get("seed"))
     now = (loader.global_batch, loader.k, cfg.run_seed)
     if before != now and is_main:
