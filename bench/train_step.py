@@ -4,13 +4,19 @@
     python bench/train_step.py --model sd15 --resolution 512 --batch 1 --compile_only
     python bench/train_step.py --model tiny --resolution 256 --batch 2 --torch
     python bench/train_step.py --model sd15 --unet_scale 0.5 --resolution 256 --cached --torch
+    python bench/train_step.py --model tiny --resolution 64 --batch 4 --train_text_encoder --prior_preservation
 
-Reports compile time, step time, images/s, the FLOPs XLA counts per image and the memory of the
-compiled program. The step is the trainer's own: VAE encode, text encoder, UNet forward and
-backward, clipping, AdamW, EMA. With --cached it is the step that trains from the latent cache
-(latent moments and text embeddings come in; no VAE, no text encoder). --unet_scale shrinks the
-UNet's channels (a mid-size model with the full-size VAE and text encoder). Results go to
-BENCHMARKS.md with the command and machine.
+Reports compile time, step time (mean and median of the timed steps), images/s, the FLOPs XLA
+counts per image and the memory of the compiled program per device. The step is the trainer's
+own, built as `sdjax.train.trainer.build_trainer` builds it (trainable set, frozen set, per-
+component AdamW, shardings over the device mesh): VAE encode, text encoder, UNet forward and
+backward, clipping, AdamW, EMA. The trainable set is the UNet, or the UNet and the text encoder
+with --train_text_encoder. --prior_preservation is DreamBooth's batch: each device's rows are
+doubled (instance, class, instance, class, ...) with a prior_mask, as the loader builds it.
+With --cached it is the step that trains from the latent cache (latent moments come in, no VAE;
+text embeddings too unless the text encoder is trained). --unet_scale shrinks the UNet's
+channels (a mid-size model with the full-size VAE and text encoder). Results go to
+BENCHMARKS.md with the command and machine; bench/trainable_sets.py compares trainable sets.
 """
 
 from __future__ import annotations
@@ -29,17 +35,21 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sdjax import StableDiffusion  # noqa: E402
+from sdjax.parallel import batch_sharded, make_mesh, replicated  # noqa: E402
 from sdjax.pipeline import build_models  # noqa: E402
 from sdjax.schedule import NoiseSchedule  # noqa: E402
 from sdjax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from sdjax.train.step import LossConfig, init_state, make_loss_fn, make_train_step  # noqa: E402
+from sdjax.train.state import (frozen_shardings, init_state, place, split_params,  # noqa: E402
+                               state_shardings)
+from sdjax.train.step import LossConfig, make_loss_fn, make_train_step  # noqa: E402
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help="shipped config name or pipeline folder")
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1, help="per-device batch")
+    p.add_argument("--batch", type=int, default=1,
+                   help="per-device batch (instance rows: doubled by --prior_preservation)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per step")
     p.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
@@ -47,6 +57,11 @@ def parse():
     p.add_argument("--attention", default="xla")
     p.add_argument("--cached", action="store_true",
                    help="the step from the latent cache (no VAE encode, no text encoder)")
+    p.add_argument("--train_text_encoder", action="store_true",
+                   help="train the text encoder with the UNet (trainable set unet + text_encoder)")
+    p.add_argument("--prior_preservation", action="store_true",
+                   help="DreamBooth's batch: a class row after every instance row, prior_mask")
+    p.add_argument("--no_ema", action="store_true", help="no EMA copy of the trained weights")
     p.add_argument("--unet_scale", type=float, default=1.0,
                    help="multiply the UNet's block channels (e.g. 0.5 for a mid-size model)")
     p.add_argument("--compile_only", action="store_true", help="no steps: compile and analyse")
@@ -73,68 +88,143 @@ def model_folder(args, tmp):
     return folder
 
 
+class PreparedStep:
+    """The compiled step of one configuration, its analysis (`result`), and what it takes to
+    build its inputs again (`inputs()`: a fresh state, the frozen set and a batch, placed)."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def inputs(self):
+        state = jax.jit(lambda p: init_state(p, self.tx, self.use_ema), out_shardings=self.shardings)(
+            place(self.trainable, self.shardings.params))
+        frozen = place(jax.tree_util.tree_map(lambda x: np.asarray(x).astype(self.dtype), self.frozen_host),
+                       self.frozen_sharding)
+        rng = np.random.default_rng(0)
+        data = {}
+        for name, s in self.batch.items():
+            if name == "input_ids":
+                data[name] = rng.integers(0, 400, s.shape).astype(np.int32)
+            elif name == "prior_mask":  # rows instance, class, instance, class, ... (the loader's)
+                data[name] = np.broadcast_to(np.tile(np.array([0.0, 1.0], np.float32), s.shape[1] // 2),
+                                             s.shape).copy()
+            elif name == "pixel_values":
+                data[name] = rng.uniform(-1, 1, s.shape).astype(np.float32)
+            else:
+                data[name] = rng.uniform(0.1, 1, s.shape).astype(s.dtype)
+        data = place(data, {name: batch_sharded(self.mesh, 1) for name in data})
+        return state, frozen, data
+
+    def timed_steps(self, state, frozen, data, steps: int):
+        """One untimed step, then `steps` steps timed one by one -> (state, metrics, seconds)."""
+        state, metrics = self.compiled(state, frozen, data)
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            state, metrics = self.compiled(state, frozen, data)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+        return state, metrics, times
+
+
 def sdjax_step(args):
-    sd = StableDiffusion.from_config(args.model, init_params=not args.compile_only)
+    prepared = prepare_step(args)
+    result = prepared.result
+    if args.compile_only:
+        return result
+    state, frozen, data = prepared.inputs()
+    state, metrics, times = prepared.timed_steps(state, frozen, data, args.steps)
+    step_s = sum(times) / len(times)
+    result.update(step_s=round(step_s, 4), step_median_s=round(float(np.median(times)), 4),
+                  step_times_s=[round(t, 4) for t in times],
+                  images_per_s=round(prepared.rows * prepared.k / step_s, 3),
+                  loss=float(np.asarray(metrics["loss"])))
+    return result
+
+
+def prepare_step(args, sd=None) -> PreparedStep:
+    """The step for these arguments, compiled (from shapes only) and analysed; `sd`: the model
+    already built from args.model (with random weights unless --compile_only), to share it."""
+    if args.prior_preservation and args.cached:
+        raise SystemExit("--prior_preservation with --cached: the loader refuses class images "
+                         "with a latent cache, so there is no such step to time")
+    if sd is None:
+        sd = StableDiffusion.from_config(args.model, init_params=not args.compile_only)
     dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
     models = build_models(sd.configs, dtype, args.attention, args.gradient_checkpointing)
     schedule = NoiseSchedule.from_config(sd.scheduler_config)
     loss_fn = make_loss_fn(models["unet"], models["vae"], models["text_encoder"], schedule, LossConfig())
-    lr = learning_rate_schedule("constant", 1e-5, 0, 1000)
-    tx = make_optimizer(lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, max_grad_norm=1.0)
-    step = jax.jit(make_train_step(loss_fn, tx, lr), donate_argnums=(0,))
-    n = args.batch * jax.device_count()
+    trained = ["unet"] + (["text_encoder"] if args.train_text_encoder else [])
+    # One schedule per trained component, as sdjax.train.trainer.learning_rates builds them.
+    schedules = {c: learning_rate_schedule("constant", 1e-5, 0, 1000) for c in trained}
+    tx = make_optimizer(schedules, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2,
+                        max_grad_norm=1.0)
+
+    def metrics_lr(step):
+        return {("lr" if c == "unet" else f"lr_{c}"): s(step) for c, s in schedules.items()}
+
+    base_step = make_train_step(loss_fn, tx, metrics_lr)
+    use_ema = not args.no_ema
+    mesh = make_mesh()
+    devices = jax.device_count()
+    per_device = args.batch * (2 if args.prior_preservation else 1)
+    n = per_device * devices  # global rows of one micro-batch
     k = args.accumulation
     batch = {"pixel_values": jax.ShapeDtypeStruct((k, n, 3, args.resolution, args.resolution), jnp.float32),
              "input_ids": jax.ShapeDtypeStruct((k, n, 77), jnp.int32)}
-    frozen_shapes = {c: sd.params[c] for c in ("vae", "text_encoder")}
+    if args.prior_preservation:
+        batch["prior_mask"] = jax.ShapeDtypeStruct((k, n), jnp.float32)
+    trainable, frozen_host = split_params(sd.params, trained)
     if args.cached:
         side = args.resolution // 8
         channels = sd.configs["vae"].get("latent_channels", 4)
-        width = sd.configs["text_encoder"]["hidden_size"]
         latent = jax.ShapeDtypeStruct((k, n, channels, side, side), dtype)
-        batch = {"latent_mean": latent, "latent_std": latent,
-                 "text_embeddings": jax.ShapeDtypeStruct((k, n, 77, width), dtype)}
-        frozen_shapes = {}
-    if args.compile_only:
-        state = jax.eval_shape(lambda p: init_state(p, tx, True), sd.params["unet"])
-        frozen = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), frozen_shapes)
-    else:
-        state = jax.jit(lambda p: init_state(p, tx, True))(sd.params["unet"])
-        frozen = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), frozen_shapes)
+        del batch["pixel_values"]
+        batch.update(latent_mean=latent, latent_std=latent)
+        frozen_host.pop("vae")
+        if not args.train_text_encoder:  # the cache brings the text embeddings
+            width = sd.configs["text_encoder"]["hidden_size"]
+            del batch["input_ids"]
+            batch["text_embeddings"] = jax.ShapeDtypeStruct((k, n, 77, width), dtype)
+            frozen_host.pop("text_encoder")
+    frozen_abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), frozen_host)
+    frozen_sharding = frozen_shardings(mesh, frozen_abstract)
+    state_abstract = jax.eval_shape(lambda p: init_state(p, tx, use_ema), trainable)
+    shardings = state_shardings(mesh, state_abstract)
     key = jax.random.key(0)
+    # As the trainer jits it: state donated, everything replicated, the batch split over the
+    # devices along its rows.
+    step = jax.jit(lambda s, f, b: base_step(s, f, b, key),
+                   in_shardings=(shardings, frozen_sharding, batch_sharded(mesh, 1)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
     t0 = time.perf_counter()
-    compiled = step.lower(state, frozen, batch, key).compile()
-    result = {"compile_s": round(time.perf_counter() - t0, 2)}
+    compiled = step.lower(state_abstract, frozen_abstract, batch).compile()
+    result = {"trained": "+".join(trained), "rows_per_device": per_device, "ema": use_ema,
+              "compile_s": round(time.perf_counter() - t0, 2)}
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     if cost and "flops" in cost:
-        result["xla_gflop_per_image"] = round(cost["flops"] / (n * k) / 1e9, 3)
+        # Per row (instance and class rows alike). With several devices XLA's count is the
+        # per-device program's, so per row of one device.
+        result["xla_gflop_per_image"] = round(cost["flops"] / (per_device * k) / 1e9, 3)
     memory = compiled.memory_analysis()
     if memory is not None:
         gib = 2 ** 30
-        # Donated state: outputs alias their inputs, so they are counted once.
+        # Per device (the partitioned program's buffers). Donated state: outputs alias their
+        # inputs, so they are counted once.
         peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
         result["memory_gib"] = {"arguments": round(memory.argument_size_in_bytes / gib, 3),
                                 "temporaries": round(memory.temp_size_in_bytes / gib, 3),
                                 "peak_estimate": round(peak / gib, 3)}
-    if args.compile_only:
-        return result
-    rng = np.random.default_rng(0)
-    if args.cached:
-        data = {name: jnp.asarray(rng.uniform(0.1, 1, s.shape), s.dtype) for name, s in batch.items()}
-    else:
-        data = {"pixel_values": jnp.asarray(rng.uniform(-1, 1, batch["pixel_values"].shape), jnp.float32),
-                "input_ids": jnp.asarray(rng.integers(0, 400, batch["input_ids"].shape), jnp.int32)}
-    state, metrics = compiled(state, frozen, data, key)  # warm-up
-    jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = compiled(state, frozen, data, key)
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - t0) / args.steps
-    result.update(step_s=round(step_s, 4), images_per_s=round(n * k / step_s, 3))
-    return result
+        result["memory_bytes"] = {"arguments": memory.argument_size_in_bytes,
+                                  "temporaries": memory.temp_size_in_bytes,
+                                  "outputs": memory.output_size_in_bytes,
+                                  "aliased": memory.alias_size_in_bytes, "peak_estimate": peak}
+    return PreparedStep(compiled=compiled, result=result, tx=tx, use_ema=use_ema, mesh=mesh,
+                        shardings=shardings, trainable=trainable, frozen_host=frozen_host,
+                        frozen_sharding=frozen_sharding, dtype=dtype, batch=batch, rows=n, k=k)
 
 
 def torch_step(args, folder):
@@ -200,11 +290,16 @@ def main():
 
 
 def run(args, info):
-    info["sdjax"] = sdjax_step(args)
     if args.torch:
         if jax.device_count() != 1:
             raise SystemExit("--torch compares one device with PyTorch's one process: run without "
                              "fake devices")
+        if args.train_text_encoder or args.prior_preservation or args.no_ema:
+            raise SystemExit("--torch times diffusers' train_text_to_image.py step (UNet trained, "
+                             "EMA on the sdjax side): drop --train_text_encoder, "
+                             "--prior_preservation and --no_ema")
+    info["sdjax"] = sdjax_step(args)
+    if args.torch:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
