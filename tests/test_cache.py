@@ -85,8 +85,8 @@ def test_cached_batches_equal_what_the_step_computes(built):
             np.testing.assert_allclose(b["text_embeddings"],
                                        embed(sd.params["text_encoder"], a["input_ids"]), atol=2e-5)
             key = jax.random.key(step)
-            np.testing.assert_allclose(loss_fn(sd.params["unet"], {}, b, key, 0),
-                                       loss_fn(sd.params["unet"], frozen, a, key, 0), rtol=1e-5)
+            np.testing.assert_allclose(loss_fn({"unet": sd.params["unet"]}, {}, b, key, 0),
+                                       loss_fn({"unet": sd.params["unet"]}, frozen, a, key, 0), rtol=1e-5)
             indices = plain.step_plan(step)[1][0]
             views = [cache.latent(i, 1)[0] for i in indices]
             flipped += sum(np.allclose(v[0], m, atol=2e-5) for v, m in zip(views, b["latent_mean"]))

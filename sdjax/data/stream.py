@@ -99,7 +99,7 @@ class StreamLoader(Loader):
         self.max_bad_images = DEFAULT_MAX_BAD_IMAGES if max_bad_images is None else max_bad_images
         self.bad_count = 0
         self.buckets, self.cache = None, None
-        self.supplies_text_embeddings = False
+        self.cached_text, self.text_embeddings = True, None
         self.batches_per_epoch = None  # unknown for a stream
         shuffled = stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         self.share = split_dataset_by_node(shuffled, rank=process_index, world_size=process_count)
