@@ -127,6 +127,10 @@ def load_tokenizer(name_or_path: str):
 
     sub = os.path.join(name_or_path, "tokenizer")
     path = sub if os.path.isdir(sub) else name_or_path
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f))
+                                       for f in ("vocab.json", "tokenizer.json")):
+        raise WeightsError(f"cannot load a CLIP tokenizer from {name_or_path}: it holds neither "
+                           "vocab.json nor tokenizer.json (nor a tokenizer/ folder with them)")
     try:
         return CLIPTokenizer.from_pretrained(path)
     except Exception as e:
