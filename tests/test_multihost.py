@@ -229,7 +229,6 @@ def _dreambooth_args(out, instance, classes):
 
 
 @pytest.mark.slow
-@pytest.mark.jax_api
 def test_two_hosts_dreambooth_with_prior_and_text_encoder(tmp_path):
     """DreamBooth with prior preservation and --train_text_encoder on 2 processes x 2 devices,
     the class images generated into one folder both hosts share: the class images and the
