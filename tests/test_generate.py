@@ -70,23 +70,15 @@ def test_validation_images_every_n_steps(run):
 
 
 def test_validation_images_in_tensorboard(run):
-    from tensorboardX.proto.event_pb2 import Event
+    from tests.tensorboard_events import summary_values
 
     out, _ = run
-    logs = os.path.join(out, "logs", "text2image-fine-tune")
     images, scalars = {}, set()
-    for name in os.listdir(logs):
-        data = open(os.path.join(logs, name), "rb").read()
-        position = 0
-        while position < len(data):  # TFRecord framing: length, crc, event, crc
-            length = int.from_bytes(data[position:position + 8], "little")
-            event = Event.FromString(data[position + 12:position + 12 + length])
-            position += 16 + length
-            for value in event.summary.value:
-                if value.HasField("image"):
-                    images[(event.step, value.tag)] = value.image
-                elif value.HasField("simple_value"):
-                    scalars.add(value.tag)
+    for step, value in summary_values(os.path.join(out, "logs", "text2image-fine-tune")):
+        if value.HasField("image"):
+            images[(step, value.tag)] = value.image
+        elif value.HasField("simple_value"):
+            scalars.add(value.tag)
     assert sorted(images) == [(2, "validation/0"), (2, "validation/1"), (4, "validation/0"),
                               (4, "validation/1")]
     row = Image.open(io.BytesIO(images[(4, "validation/1")].encoded_image_string))

@@ -269,21 +269,11 @@ TEXT_ENCODER = ["--train_text_encoder", "--text_encoder_lr", "1e-2"]
 
 def scalars(out):
     """{(tag, step): value} of a run's TensorBoard scalars."""
-    from tensorboardX.proto.event_pb2 import Event
+    from tests.tensorboard_events import summary_values
 
-    folder = os.path.join(out, "logs", "text2image-fine-tune")
-    values = {}
-    for name in os.listdir(folder):
-        data = open(os.path.join(folder, name), "rb").read()
-        position = 0
-        while position < len(data):  # TFRecord framing: length, crc, event, crc
-            length = int.from_bytes(data[position:position + 8], "little")
-            event = Event.FromString(data[position + 12:position + 12 + length])
-            position += 16 + length
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    values[(value.tag, event.step)] = value.simple_value
-    return values
+    return {(value.tag, step): value.simple_value
+            for step, value in summary_values(os.path.join(out, "logs", "text2image-fine-tune"))
+            if value.HasField("simple_value")}
 
 
 def pipeline_weights(folder, component):
