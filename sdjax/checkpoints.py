@@ -103,11 +103,15 @@ def read_meta(checkpoint_path: str) -> dict:
 
 # --- the state layout ------------------------------------------------------------------------
 
-def state_layout(trained: list, ema: bool) -> dict:
-    """What a checkpoint's state holds, recorded in its meta."""
+def state_layout(trained: list, ema: bool, adapter: Optional[dict] = None) -> dict:
+    """What a checkpoint's state holds, recorded in its meta. `adapter` (LoRA runs: kind, rank,
+    alpha, layers) says the trained components are adapters, not the models' weights."""
     order = ("unet", "text_encoder")
     ranked = sorted(trained, key=lambda c: (order.index(c) if c in order else len(order), c))
-    return {"version": LAYOUT_VERSION, "trained": ranked, "ema": bool(ema)}
+    layout = {"version": LAYOUT_VERSION, "trained": ranked, "ema": bool(ema)}
+    if adapter is not None:
+        layout["adapter"] = dict(adapter)
+    return layout
 
 
 def layout_of(meta: dict) -> dict:
@@ -119,6 +123,10 @@ def layout_of(meta: dict) -> dict:
 
 def describe_layout(layout: dict) -> str:
     trained = " + ".join(layout["trained"]) or "nothing"
+    adapter = layout.get("adapter")
+    if adapter:
+        trained = (f"LoRA (rank {adapter['rank']}, alpha {adapter['alpha']:g}, layers "
+                   f"{adapter['layers']}) on {trained}")
     return f"{trained} trained, EMA {'on' if layout['ema'] else 'off'}"
 
 
@@ -173,6 +181,19 @@ def read_trained(checkpoint: str, like: dict, ema: Optional[bool] = None) -> tup
     return restored, step, meta, use_ema
 
 
+def read_model_weights(checkpoint: str, base: dict, ema: Optional[bool] = None) -> tuple:
+    """-> ({component: the model weights the checkpoint trained}, step, meta, used EMA), host
+    arrays. `base` is the run's base parameters: their trees give the shapes, and a LoRA
+    checkpoint's adapters are merged into them (float32 math, the base's dtype)."""
+    layout = layout_of(read_meta(checkpoint))
+    if not layout.get("adapter"):
+        return read_trained(checkpoint, base, ema)
+    from sdjax.lora.training import adapter_shapes, layout_scale, merged_params
+
+    adapters, step, meta, used_ema = read_trained(checkpoint, adapter_shapes(base, layout), ema)
+    return merged_params(base, adapters, layout_scale(layout)), step, meta, used_ema
+
+
 def base_model(meta: dict, dtype=None):
     """The run's base pipeline (every model, tokenizer, scheduler) as the run loaded it."""
     from sdjax.pipeline import load_base
@@ -192,7 +213,7 @@ def trained_pipeline(checkpoint: str, ema: Optional[bool] = None, dtype=None) ->
     """-> (the run's pipeline with the checkpoint's trained weights in it, step, meta, used EMA)."""
     meta = read_meta(checkpoint)
     sd = base_model(meta, dtype=dtype)
-    trained, step, meta, used_ema = read_trained(checkpoint, sd.params, ema)
+    trained, step, meta, used_ema = read_model_weights(checkpoint, sd.params, ema)
     if dtype is not None:
         trained = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), trained)
     sd.params.update(trained)

@@ -3,6 +3,7 @@
 
     python train_flax.py [text_to_image] --pretrained_model_name_or_path ... --train_data_dir ...
     python train_flax.py dreambooth --instance_data_dir ... --instance_prompt ... [...]
+    python train_flax.py text_to_image_lora | dreambooth_lora <the same flags> [--rank 4 ...]
     python train_flax.py cache <the text_to_image flags>  (encode the data set into the latent cache)
     python train_flax.py export --checkpoint OUT/checkpoints/checkpoint_N --output DIR
     python train_flax.py generate --model DIR_OR_ID [--checkpoint ...] --prompt ... --output_dir DIR
@@ -22,7 +23,8 @@ from sdjax.errors import SdjaxError
 # Training commands, named after the diffusers scripts (and their Flax twins), -> the task.
 TRAIN_COMMANDS = {"train": "text_to_image", "text_to_image": "text_to_image",
                   "text_to_image_flax": "text_to_image", "dreambooth": "dreambooth",
-                  "dreambooth_flax": "dreambooth"}
+                  "dreambooth_flax": "dreambooth", "text_to_image_lora": "text_to_image",
+                  "dreambooth_lora": "dreambooth"}
 COMMANDS = tuple(TRAIN_COMMANDS) + ("cache", "export", "generate", "compare")
 
 
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
             from sdjax.config import parse_train_args
             from sdjax.train.loop import train
 
-            cfg, notes = parse_train_args(argv, task=TRAIN_COMMANDS[command])
+            cfg, notes = parse_train_args(argv, task=TRAIN_COMMANDS[command],
+                                          lora=command.endswith("_lora"))
             train(cfg, notes)
     except SdjaxError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,10 @@ INTERPOLATION_MODES = ("lanczos", "bicubic", "bilinear", "nearest", "box", "hamm
 
 
 TASKS = ("text_to_image", "dreambooth")
+LORA_FORMATS = ("diffusers", "kohya", "both")
+# Flags that only mean something to the LoRA commands.
+LORA_FLAGS = ("rank", "lora_alpha", "lora_dropout", "lora_layers", "lora_init",
+              "save_lora_format", "resume_lora")
 PRIOR_GENERATION_PRECISION = ("no", "fp32", "fp16", "bf16")
 # diffusers' DreamBooth names its validation schedulers by class.
 VALIDATION_SCHEDULER_CLASSES = {"DPMSolverMultistepScheduler": "dpmpp_2m", "DDIMScheduler": "ddim",
@@ -37,6 +41,16 @@ class TrainConfig:
     train_text_encoder: bool = False
     text_encoder_lr: Optional[float] = None
     pre_compute_text_embeddings: bool = False
+    # LoRA (the text_to_image_lora and dreambooth_lora commands set use_lora); None: the default
+    use_lora: bool = False
+    rank: Optional[int] = None              # 4
+    lora_alpha: Optional[float] = None      # the rank (scale 1.0), as diffusers
+    lora_dropout: Optional[float] = None    # 0.0
+    lora_layers: Optional[str] = None       # attention (sdjax.lora.targets)
+    lora_init: Optional[str] = None         # gaussian, as diffusers' LoRA scripts ask PEFT
+    save_lora_format: Optional[str] = None  # diffusers
+    resume_lora: Optional[str] = None       # a LoRA file the adapters start from
+    lora: Optional[list] = None             # LoRA files fused into the base model: FILE[:SCALE]
     # Model
     pretrained_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
@@ -144,6 +158,16 @@ class TrainConfig:
         return ["unet"] + (["text_encoder"] if self.train_text_encoder else [])
 
     @property
+    def lora_rank(self) -> int:
+        return 4 if self.rank is None else self.rank
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / rank: the factor of every adapter's output."""
+        alpha = self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        return float(alpha) / self.lora_rank
+
+    @property
     def effective_noise_offset(self) -> float:
         """--noise_offset, or DreamBooth's --offset_noise (diffusers adds 0.1 x per-channel noise)."""
         return self.noise_offset or (0.1 if self.offset_noise else 0.0)
@@ -183,6 +207,7 @@ class TrainConfig:
                 problems.append(f"--{given[0]} is a DreamBooth flag: run `python train_flax.py "
                                 "dreambooth ...`")
         problems += self._text_encoder_problems()
+        problems += self._lora_problems()
         if self.resolution <= 0 or self.resolution % 8:
             problems.append(f"--resolution={self.resolution} must be a positive multiple of 8 "
                             "(the VAE downsamples by 8)")
@@ -271,6 +296,39 @@ class TrainConfig:
         if self.pre_compute_text_embeddings and self.cache_latents:
             problems.append("--cache_latents already caches the text embeddings: drop "
                             "--pre_compute_text_embeddings")
+        return problems
+
+    def _lora_problems(self) -> list:
+        problems = []
+        given = [f for f in LORA_FLAGS if getattr(self, f) is not None]
+        if not self.use_lora:
+            if given:
+                problems.append(f"--{given[0]} is a LoRA flag: run `python train_flax.py "
+                                f"{self.task}_lora ...`")
+            return problems
+        if self.tracker_project_name == "text2image-fine-tune" and self.task == "dreambooth":
+            self.tracker_project_name = "dreambooth-lora"
+        if self.lora_rank < 1:
+            problems.append(f"--rank={self.rank} must be at least 1")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            problems.append("--lora_alpha must be positive")
+        if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
+            problems.append("--lora_dropout must be at least 0 and below 1")
+        from sdjax.lora.adapters import LORA_INITS
+
+        if self.lora_init is not None and self.lora_init not in LORA_INITS:
+            problems.append(f"--lora_init={self.lora_init!r}: choose {' or '.join(LORA_INITS)}")
+        if self.save_lora_format not in (None,) + LORA_FORMATS:
+            problems.append(f"--save_lora_format={self.save_lora_format!r}: choose one of "
+                            f"{', '.join(LORA_FORMATS)}")
+        try:
+            from sdjax.lora.targets import layer_names
+
+            layer_names(self.lora_layers)
+        except ConfigError as e:
+            problems.append(str(e))
+        if self.resume_lora and not os.path.exists(self.resume_lora):
+            problems.append(f"--resume_lora {self.resume_lora} does not exist")
         return problems
 
     def _dreambooth_problems(self) -> list:
@@ -436,9 +494,10 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
-def parse_train_args(argv: list, task: Optional[str] = None) -> tuple:
+def parse_train_args(argv: list, task: Optional[str] = None, lora: bool = False) -> tuple:
     """-> (TrainConfig, notes). Unknown flags raise ConfigError naming the closest valid one.
-    `task` is the command's (text_to_image, dreambooth); a config file may name it too."""
+    `task` is the command's (text_to_image, dreambooth), `lora` whether it trains LoRA
+    adapters (the *_lora commands); a config file may name both too."""
     parser = build_parser()
     valid = [f.name for f in dataclasses.fields(TrainConfig)] + ["config"]
     args, unknown = parser.parse_known_args(argv)
@@ -463,6 +522,8 @@ def parse_train_args(argv: list, task: Optional[str] = None) -> tuple:
     values.update(given)
     if task is not None and task != "text_to_image":
         values["task"] = task
+    if lora:
+        values["use_lora"] = True
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     bad = [k for k in values if k not in fields]
     if bad:

@@ -160,9 +160,14 @@ def load_pipeline(name: str, seed: int = 0, revision: Optional[str] = None,
 def load_base(spec: Mapping[str, Any], dtype=None) -> "StableDiffusion":
     """The base pipeline a training run recorded in its checkpoints
     (`sdjax.train.setup.base_model_spec`)."""
-    return load_pipeline(spec["pretrained_model_name_or_path"], spec.get("seed", 0),
-                         spec.get("revision"), spec.get("variant"), dtype, spec.get("vae"),
-                         spec.get("tokenizer"))
+    sd = load_pipeline(spec["pretrained_model_name_or_path"], spec.get("seed", 0),
+                       spec.get("revision"), spec.get("variant"), dtype, spec.get("vae"),
+                       spec.get("tokenizer"))
+    if spec.get("lora"):  # LoRA files fused into the base (--lora)
+        from sdjax.lora.fuse import fuse_lora_files
+
+        sd.params.update(fuse_lora_files(sd.params, spec["lora"]))
+    return sd
 
 
 class StableDiffusion:

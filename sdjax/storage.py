@@ -107,6 +107,15 @@ def move(source, destination) -> None:
         shutil.rmtree(source)
 
 
+def remove_tree(path) -> None:
+    """Deletes a folder and everything in it (local or on a bucket)."""
+    if is_remote(path):
+        fs, inner = _filesystem(path)
+        fs.rm(inner, recursive=True)
+    else:
+        shutil.rmtree(str(path))
+
+
 def copy_tree(source, destination) -> None:
     """Copies a file or folder between any two places (local, bucket)."""
     source, destination = str(source).rstrip("/"), str(destination).rstrip("/")

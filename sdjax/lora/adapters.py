@@ -50,6 +50,18 @@ def init_adapters(key, shapes: Mapping, targets, rank: int, init: str = "gaussia
     return unflatten_dict(out)
 
 
+def adapter_structs(shapes: Mapping, targets, rank: int) -> dict:
+    """The adapter tree `init_adapters` makes, as float32 ShapeDtypeStructs."""
+    flat = flatten_dict(shapes)
+    out = {}
+    for path in targets:
+        kernel = flat[tuple(path) + ("kernel",)].shape
+        out[tuple(path) + ("down",)] = jax.ShapeDtypeStruct(tuple(kernel[:-1]) + (rank,),
+                                                            jnp.float32)
+        out[tuple(path) + ("up",)] = jax.ShapeDtypeStruct((rank, kernel[-1]), jnp.float32)
+    return unflatten_dict(out)
+
+
 def adapter_layers(adapters: Mapping) -> dict:
     """{layer path: {"down": A, "up": B}} of an adapter tree."""
     flat = flatten_dict(adapters)

@@ -55,7 +55,7 @@ def _sampling_settings(args, sd) -> dict:
 
 def generate(args) -> list:
     """Writes one PNG per image, grid.png (a row per prompt) and generate.json; -> the paths."""
-    from sdjax.checkpoints import read_meta, read_trained
+    from sdjax.checkpoints import read_meta, read_model_weights
     from sdjax.pipeline import load_pipeline
 
     if not args.model and not args.checkpoint:
@@ -69,7 +69,7 @@ def generate(args) -> list:
     sd = (load_pipeline(args.model, 0, dtype=_dtype(args.dtype)) if args.model
           else base_model(meta, dtype=_dtype(args.dtype)))
     if args.checkpoint:
-        trained, step, meta, used_ema = read_trained(args.checkpoint, sd.params, args.ema)
+        trained, step, meta, used_ema = read_model_weights(args.checkpoint, sd.params, args.ema)
         sd.params.update(_as_dtype(trained, args.dtype))
     settings = _sampling_settings(args, sd)
     images = sd(prompts, _negative(args), num_images_per_prompt=args.num_images,
@@ -151,7 +151,7 @@ def compare(args) -> str:
             with storage.local_copy(args.output_dir, skip=RUN_FOLDERS) as folder:
                 trained = StableDiffusion.from_pretrained(folder).params
         else:
-            trained, _, _, used_ema = ckpt.read_trained(path, sd.params, args.ema)
+            trained, _, _, used_ema = ckpt.read_model_weights(path, sd.params, args.ema)
             label += " EMA" if used_ema else ""
         trained = _as_dtype(trained, args.dtype)
         out = sampler.sample(dict(base, **trained), prompts, _negative(args), **settings)

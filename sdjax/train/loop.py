@@ -49,9 +49,10 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
 
         validation = Validation(cfg, inputs.sd, trainer.models, mesh, writer, is_main,
                                 loader.steps_per_epoch)
+    lora_output = _lora_output(cfg, inputs.sd, trainer, is_main)
     loop = StepLoop(trainer, loader, mesh, checkpoints, _run_record(cfg, loader, trainer), writer,
                     preemption, validation, cfg.logging_steps, cfg.checkpointing_steps,
-                    _images_per_step(cfg), is_main)
+                    _images_per_step(cfg), is_main, lora_output)
     try:
         with logging_redirect_tqdm(loggers=[log]):
             state = loop.run(state, start_step, max_steps)
@@ -63,7 +64,10 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
             writer.close()
             preemption.close()
             checkpoints.close()
-    if state is not None:  # None: preempted, checkpoint written, no export
+    if state is not None and lora_output is not None:  # diffusers' LoRA scripts: the LoRA only
+        for path in lora_output.write(state):
+            print(f"saved the {'EMA ' if cfg.use_ema else ''}LoRA weights to {path}")
+    elif state is not None:  # None: preempted, checkpoint written, no export
         _export(cfg, inputs.sd, state, is_main)
     sync_hosts("sdjax-run-finished")  # no host exits before the export is complete
     return cfg.output_dir
@@ -102,6 +106,16 @@ def _images_per_step(cfg: TrainConfig) -> int:
     return rows * (2 if cfg.prior_preservation else 1)
 
 
+def _lora_output(cfg: TrainConfig, sd, trainer, is_main: bool):
+    if trainer.lora is None:
+        return None
+    from sdjax.lora.training import LoraOutput, architecture
+
+    metadata = {"base_model": cfg.pretrained_model_name_or_path,
+                "architecture": architecture(sd, cfg.prediction_type)}
+    return LoraOutput(cfg, trainer.layout, metadata, is_main)
+
+
 def _run_record(cfg: TrainConfig, loader, trainer) -> dict:
     """What every checkpoint records besides the state (see sdjax.checkpoints)."""
     return {"sdjax_version": __version__, "config": config_to_dict(cfg),
@@ -136,6 +150,13 @@ def _print_summary(cfg: TrainConfig, inputs, trainer, start_step: int, max_steps
           f"({jax.devices()[0].platform}); per-device batch {cfg.train_batch_size}, "
           f"global batch {rows}, accumulation {k}, effective batch {rows * k}")
     trained = " + ".join(cfg.trained_components)
+    if trainer.lora is not None:
+        from sdjax.lora.adapters import adapter_layers, count
+
+        adapters = trainer.lora.adapters
+        trained = (f"LoRA rank {cfg.lora_rank} (alpha {trainer.lora.layout['alpha']:g}) on "
+                   + " + ".join(f"{c} ({len(adapter_layers(a))} layers)" for c, a in adapters.items())
+                   + f", {count(adapters):,} parameters")
     print(f"{cfg.task}: training {trained}; data: {inputs.description}; training steps "
           f"{start_step} -> {max_steps}; compute {cfg.compute_dtype_name}, EMA "
           f"{'on' if cfg.use_ema else 'off'}, prediction {trainer.schedule.prediction_type}")

@@ -3,8 +3,8 @@
     TrainState(step, params, opt_state, ema)
 
 `params` (and `ema`) is the trainable set: a dict keyed by component ({"unet": ...},
-{"unet": ..., "text_encoder": ...}; adapters later); everything else is frozen and passed to the
-step separately, never donated. The step's loss sees the merged view `{**frozen, **params}`, so
+{"unet": ..., "text_encoder": ...}, or those components' LoRA adapters); everything else is
+frozen and passed to the step separately, never donated. The step's loss sees the merged view `{**frozen, **params}`, so
 full fine-tuning, text-encoder training and DreamBooth differ only in what is in `params` and
 in the data, never in the step's code.
 
@@ -44,6 +44,19 @@ def split_params(params: dict, trained: list) -> tuple:
     """(trainable, frozen): the components in `trained` and the rest."""
     return ({c: params[c] for c in trained},
             {c: p for c, p in params.items() if c not in trained})
+
+
+def merged_variables(frozen: dict, trainable: dict) -> dict:
+    """Each model's Flax variables when whole components are trained: theirs replace the
+    frozen ones."""
+    return {c: {"params": p} for c, p in {**frozen, **trainable}.items()}
+
+
+def adapter_variables(frozen: dict, trainable: dict) -> dict:
+    """Each model's Flax variables when adapters are trained: the frozen base `params` and, for
+    the adapted models, the adapters as the `lora` collection (sdjax.lora.adapters)."""
+    return {c: {"params": p, **({"lora": trainable[c]} if c in trainable else {})}
+            for c, p in frozen.items()}
 
 
 def state_shardings(mesh: Mesh, abstract_state):

@@ -3,7 +3,8 @@
 `train_step(state, frozen, batch, key) -> (state, metrics)`: `state` is a `TrainState` whose
 params are the trainable set (a dict keyed by component); `frozen` holds the other components
 (never donated; the VAE is absent when training from the latent cache, the text encoder when its
-embeddings come with the batch). The loss sees the merged view `{**frozen, **trainable}` and
+embeddings come with the batch). The loss sees the models' variables made from both
+(`merged_variables`: `{**frozen, **trainable}`; LoRA: the adapters beside the frozen base) and
 differentiates the trainable part only.
 
 Batch arrays are shaped (k micro-batches, global rows, ...): pixel_values or the cached
@@ -27,7 +28,7 @@ import optax
 
 from sdjax.schedule import NoiseSchedule
 from sdjax.train.optimizer import ema_decay
-from sdjax.train.state import TrainState
+from sdjax.train.state import TrainState, merged_variables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +62,19 @@ def weighted_loss(per_sample, prior_mask, snr_weights, prior_loss_weight: float)
     return instance_loss + prior_loss_weight * prior_loss
 
 
-def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: LossConfig):
+def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: LossConfig,
+                 model_variables: Callable = merged_variables):
+    """`model_variables(frozen, trainable)` -> each model's Flax variables (`merged_variables`:
+    trained weights in place of frozen ones; `adapter_variables`: LoRA adapters beside the
+    frozen base, which the models given here apply, see `sdjax.lora.adapters.AdaptedModel`)."""
     def loss_fn(trainable, frozen, batch, key, first_position):
-        params = {**frozen, **trainable}
+        variables = model_variables(frozen, trainable)
+        # Adapter dropout (LoRA): a stream apart from the per-sample draws; unused otherwise.
+        rngs = {"dropout": jax.random.fold_in(jax.random.fold_in(key, first_position), 7)}
         if "latent_mean" in batch:  # from the latent cache: the VAE's output, read from disk
             mean, std = batch["latent_mean"], batch["latent_std"]
         else:
-            dist = vae.apply({"params": params["vae"]}, batch["pixel_values"], method="encode")
+            dist = vae.apply(variables["vae"], batch["pixel_values"], method="encode")
             mean, std = dist.mean, dist.std
         mean = jax.lax.stop_gradient(mean.astype(jnp.float32))
         std = jax.lax.stop_gradient(std.astype(jnp.float32))
@@ -83,8 +90,8 @@ def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: 
         if "text_embeddings" in batch:  # cached or pre-computed: the encoder is frozen
             context = batch["text_embeddings"]
         else:
-            context = text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])
-        pred = unet.apply({"params": params["unet"]}, noisy, t, context).astype(jnp.float32)
+            context = text_encoder.apply(variables["text_encoder"], batch["input_ids"], rngs=rngs)
+        pred = unet.apply(variables["unet"], noisy, t, context, rngs=rngs).astype(jnp.float32)
         target = schedule.target(latents, noise, t)
         per_sample = jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim)))
         snr_weights = (schedule.min_snr_weights(t, loss_config.snr_gamma)

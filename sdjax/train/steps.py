@@ -28,6 +28,7 @@ class StepLoop:
     checkpointing_steps: int
     images_per_step: int
     is_main: bool
+    lora_output: Optional[object] = None    # sdjax.lora.training.LoraOutput of a LoRA run
 
     def run(self, state, start_step: int, max_steps: int):
         """-> the state after `max_steps`, or None when SIGTERM stopped the run (after saving)."""
@@ -53,6 +54,8 @@ class StepLoop:
                 if save_now or stop_now:
                     meta = dict(self.meta, step=done, micro_batches_consumed=done * self.loader.k)
                     self.checkpoints.save(done, state, meta, force=stop_now)
+                    if self.lora_output is not None:
+                        self.lora_output.write(state, done, self.checkpoints.manager.all_steps())
                 if stop_now:
                     self.checkpoints.wait()
                     if self.is_main:

@@ -15,8 +15,9 @@ from sdjax.config import TrainConfig
 from sdjax.parallel import batch_sharded, replicated
 from sdjax.schedule import NoiseSchedule
 from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
-from sdjax.train.state import (TrainState, frozen_shardings, init_state, place, split_params,
-                               state_shardings, trained_weights)
+from sdjax.train.state import (TrainState, adapter_variables, frozen_shardings, init_state,
+                               merged_variables, place, split_params, state_shardings,
+                               trained_weights)
 from sdjax.train.step import LossConfig, make_loss_fn, make_train_step
 
 
@@ -32,6 +33,8 @@ class Trainer:
     _mesh: object
     _use_ema: bool
     _extra: Optional[dict] = None   # frozen weights placed for sampling only
+    lora: Optional[object] = None   # sdjax.lora.training.LoraRun of a LoRA run
+    _merge: Optional[Callable] = None
 
     def abstract_state(self):
         return jax.tree_util.tree_map(
@@ -42,12 +45,19 @@ class Trainer:
         ones, placed once (the step may not hold all of them: see `build_trainer`)."""
         trained = trained_weights(state, self._use_ema)
         missing = [c for c in ("unet", "vae", "text_encoder")
-                   if c not in trained and c not in self.frozen]
+                   if c not in self.frozen and (self.lora is not None or c not in trained)]
         if missing and self._extra is None:
             dtype = self.models["unet"].dtype
             host = {c: _cast(self._sd.params[c], dtype) for c in missing}
             self._extra = place(host, frozen_shardings(self._mesh, host))
-        return {**self.frozen, **(self._extra or {}), **trained}
+        base = {**self.frozen, **(self._extra or {})}
+        if self.lora is None:
+            return {**base, **trained}
+        if self._merge is None:  # the adapters merged into the base kernels (compute dtype)
+            from sdjax.lora.adapters import merge_adapters
+
+            self._merge = jax.jit(lambda p, a: merge_adapters(p, a, self.lora.scale))
+        return {**base, **{c: self._merge(base[c], a) for c, a in trained.items()}}
 
 
 def _cast(tree, dtype):
@@ -76,21 +86,30 @@ def build_trainer(cfg: TrainConfig, sd, loader, mesh, max_steps: int) -> Trainer
     models = build_models(sd.configs, dtype, cfg.attention_implementation,
                           cfg.gradient_checkpointing, cfg.remat_policy)
     schedule = NoiseSchedule.from_config(sd.scheduler_config)
-    loss_fn = make_loss_fn(models["unet"], models["vae"], models["text_encoder"], schedule,
-                           LossConfig(cfg.effective_noise_offset, cfg.input_perturbation,
-                                      cfg.snr_gamma, cfg.prior_loss_weight))
+    lora = None
+    if cfg.use_lora:
+        from sdjax.lora.training import setup_lora
+
+        lora = setup_lora(cfg, sd.params)
+        trainable, frozen = lora.adapters, dict(sd.params)
+        loss_models, variables = lora.wrap(models), adapter_variables
+    else:
+        trainable, frozen = split_params(sd.params, cfg.trained_components)
+        loss_models, variables = models, merged_variables
+    loss_fn = make_loss_fn(loss_models["unet"], loss_models["vae"], loss_models["text_encoder"],
+                           schedule, LossConfig(cfg.effective_noise_offset, cfg.input_perturbation,
+                                                cfg.snr_gamma, cfg.prior_loss_weight), variables)
 
     def metrics_lr(step):
         return {("lr" if c == "unet" else f"lr_{c}"): s(step) for c, s in schedules.items()}
 
     base_step = make_train_step(loss_fn, tx, metrics_lr)
 
-    trainable, frozen = split_params(sd.params, cfg.trained_components)
     # What the batch brings instead: cached latents (no VAE), cached or pre-computed text
     # embeddings (no text encoder).
     if loader.cache is not None:
         frozen.pop("vae", None)
-    if loader.supplies_text_embeddings:
+    if loader.supplies_text_embeddings and "text_encoder" not in trainable:
         frozen.pop("text_encoder", None)
     frozen = _cast(frozen, dtype)
     frozen_sharding = frozen_shardings(mesh, frozen)
@@ -105,5 +124,6 @@ def build_trainer(cfg: TrainConfig, sd, loader, mesh, max_steps: int) -> Trainer
     step_fn = jax.jit(lambda s, f, b: base_step(s, f, b, key),
                       in_shardings=(shardings, frozen_sharding, batch_sharded(mesh, 1)),
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
-    layout = state_layout(cfg.trained_components, cfg.use_ema)
-    return Trainer(models, schedule, state, frozen, step_fn, layout, sd, mesh, use_ema)
+    layout = state_layout(cfg.trained_components, cfg.use_ema,
+                          lora.layout if lora is not None else None)
+    return Trainer(models, schedule, state, frozen, step_fn, layout, sd, mesh, use_ema, lora=lora)
