@@ -8,9 +8,9 @@ layer's output becomes `layer(x) + scale * B(A(dropout(x)))` with scale = alpha 
 PEFT computes it.
 
 - Training applies the adapters inside the layers (`AdaptedModel`, through Flax's method
-  interception: no module surgery). With bf16 compute this keeps the adapter's small
-  contribution that rounding the merged kernel `W + scale * A @ B` to bf16 would lose, it
-  supports dropout, and its backward pass needs no full-size kernel gradient.
+  interception: no module surgery), in the order PEFT computes them. This supports dropout
+  on the adapter's input, and its backward pass needs no full-size kernel gradient (merged
+  kernels would need `x^T g` for every adapted layer: BENCHMARKS.md has both measured).
 - Sampling, export and fusing merge them into the kernels (`merge_adapters`): no extra work
   per step, and the model is an ordinary one.
 """
