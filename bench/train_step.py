@@ -39,8 +39,8 @@ from sdjax.parallel import batch_sharded, make_mesh, replicated  # noqa: E402
 from sdjax.pipeline import build_models  # noqa: E402
 from sdjax.schedule import NoiseSchedule  # noqa: E402
 from sdjax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from sdjax.train.state import (frozen_shardings, init_state, place, split_params,  # noqa: E402
-                               state_shardings)
+from sdjax.train.state import (adapter_variables, frozen_shardings, init_state,  # noqa: E402
+                               merged_variables, place, split_params, state_shardings)
 from sdjax.train.step import LossConfig, make_loss_fn, make_train_step  # noqa: E402
 
 
@@ -64,6 +64,12 @@ def parse():
     p.add_argument("--no_ema", action="store_true", help="no EMA copy of the trained weights")
     p.add_argument("--unet_scale", type=float, default=1.0,
                    help="multiply the UNet's block channels (e.g. 0.5 for a mid-size model)")
+    p.add_argument("--lora_rank", type=int, default=0,
+                   help="train LoRA adapters of this rank instead of the models' weights")
+    p.add_argument("--lora_layers", default="attention", help="--lora_layers of the trainer")
+    p.add_argument("--lora_merged", action="store_true",
+                   help="apply the adapters by merging them into the kernels (W + A @ B) in "
+                        "the step, instead of inside the layers as the trainer does")
     p.add_argument("--compile_only", action="store_true", help="no steps: compile and analyse")
     p.add_argument("--torch", action="store_true", help="also time diffusers PyTorch's step")
     return p.parse_args()
@@ -143,6 +149,29 @@ def sdjax_step(args):
     return result
 
 
+def lora_sets(args, sd, models, trained):
+    """(trainable adapters, frozen base, the models the loss applies, variables) of a LoRA run,
+    as sdjax.lora.training sets it up (scale 1: alpha = rank)."""
+    from sdjax.lora.adapters import init_adapters, merge_adapters
+    from sdjax.lora.training import targets_for
+
+    shapes = {c: sd.params[c] for c in trained}
+    targets = targets_for(shapes, trained, args.lora_layers, args.lora_rank)
+    trainable = {c: init_adapters(jax.random.key(i), shapes[c], targets[c], args.lora_rank)
+                 for i, c in enumerate(trained)}
+    frozen_host = dict(sd.params)
+    if args.lora_merged:
+        def variables(frozen, adapters):
+            return {c: {"params": merge_adapters(p, adapters[c]) if c in adapters else p}
+                    for c, p in frozen.items()}
+
+        return trainable, frozen_host, models, variables
+    from sdjax.lora.adapters import AdaptedModel
+
+    wrapped = {c: AdaptedModel(m, 1.0) if c in trained else m for c, m in models.items()}
+    return trainable, frozen_host, wrapped, adapter_variables
+
+
 def prepare_step(args, sd=None) -> PreparedStep:
     """The step for these arguments, compiled (from shapes only) and analysed; `sd`: the model
     already built from args.model (with random weights unless --compile_only), to share it."""
@@ -154,8 +183,14 @@ def prepare_step(args, sd=None) -> PreparedStep:
     dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
     models = build_models(sd.configs, dtype, args.attention, args.gradient_checkpointing)
     schedule = NoiseSchedule.from_config(sd.scheduler_config)
-    loss_fn = make_loss_fn(models["unet"], models["vae"], models["text_encoder"], schedule, LossConfig())
     trained = ["unet"] + (["text_encoder"] if args.train_text_encoder else [])
+    if getattr(args, "lora_rank", 0):
+        trainable, frozen_host, models_for_loss, variables = lora_sets(args, sd, models, trained)
+    else:
+        trainable, frozen_host = split_params(sd.params, trained)
+        models_for_loss, variables = models, merged_variables
+    loss_fn = make_loss_fn(models_for_loss["unet"], models_for_loss["vae"],
+                           models_for_loss["text_encoder"], schedule, LossConfig(), variables)
     # One schedule per trained component, as sdjax.train.trainer.learning_rates builds them.
     schedules = {c: learning_rate_schedule("constant", 1e-5, 0, 1000) for c in trained}
     tx = make_optimizer(schedules, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2,
@@ -175,7 +210,6 @@ def prepare_step(args, sd=None) -> PreparedStep:
              "input_ids": jax.ShapeDtypeStruct((k, n, 77), jnp.int32)}
     if args.prior_preservation:
         batch["prior_mask"] = jax.ShapeDtypeStruct((k, n), jnp.float32)
-    trainable, frozen_host = split_params(sd.params, trained)
     if args.cached:
         side = args.resolution // 8
         channels = sd.configs["vae"].get("latent_channels", 4)
@@ -201,6 +235,8 @@ def prepare_step(args, sd=None) -> PreparedStep:
     t0 = time.perf_counter()
     compiled = step.lower(state_abstract, frozen_abstract, batch).compile()
     result = {"trained": "+".join(trained), "rows_per_device": per_device, "ema": use_ema,
+              "trained_parameters": sum(int(np.prod(x.shape))
+                                        for x in jax.tree_util.tree_leaves(trainable)),
               "compile_s": round(time.perf_counter() - t0, 2)}
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

@@ -65,15 +65,16 @@ def step_args(args, **overrides):
                   accumulation=1, mixed_precision=args.mixed_precision,
                   gradient_checkpointing=args.gradient_checkpointing, attention=args.attention,
                   cached=False, unet_scale=args.unet_scale, compile_only=args.compile_only,
-                  torch=False, no_ema=args.no_ema)
+                  torch=False, no_ema=args.no_ema, lora_rank=0, lora_layers="attention",
+                  lora_merged=False, train_text_encoder=False, prior_preservation=False)
     fields.update(overrides)
     return argparse.Namespace(**fields)
 
 
-def compare(args) -> list:
+def compare(args, configurations=CONFIGURATIONS) -> list:
     prepared = []
     sd = train_step.StableDiffusion.from_config(args.model, init_params=not args.compile_only)
-    for name, overrides in CONFIGURATIONS:
+    for name, overrides in configurations:
         step = train_step.prepare_step(step_args(args, **overrides), sd)
         print(f"compiled {name} in {step.result['compile_s']} s", file=sys.stderr, flush=True)
         prepared.append((name, step, []))
@@ -108,10 +109,11 @@ def compare(args) -> list:
     return rows
 
 
-def markdown(args, rows) -> str:
+def markdown(args, rows, base_name: str = "UNet only") -> str:
     mib = 2 ** 20
-    lines = ["| trained | rows / device | step s (median) | x UNet only | instance images/s | "
-             "GFLOP / row | arguments MiB | temporaries MiB | peak MiB | x UNet only | compile s |",
+    lines = [f"| trained | rows / device | step s (median) | x {base_name} | instance images/s | "
+             f"GFLOP / row | arguments MiB | temporaries MiB | peak MiB | x {base_name} | "
+             "compile s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         memory = row["memory_bytes"]
