@@ -69,10 +69,16 @@ def targets_for(shapes: Mapping, components, layers: str, rank: Optional[int] = 
     return targets
 
 
+def run_targets(cfg, shapes: Mapping) -> dict:
+    """{component: layer paths} a LoRA run adapts; bad --lora_layers / --rank are refused."""
+    components = ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
+    return targets_for(shapes, components, cfg.lora_layers, cfg.lora_rank)
+
+
 def setup_lora(cfg, shapes: Mapping) -> LoraRun:
     """The adapters a LoRA run starts from: fresh (as PEFT initialises them) or --resume_lora."""
-    components = ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
-    targets = targets_for(shapes, components, cfg.lora_layers, cfg.lora_rank)
+    targets = run_targets(cfg, shapes)
+    components = list(targets)
     key = jax.random.key(cfg.run_seed)
     adapters = {c: init_adapters(jax.random.fold_in(key, i), shapes[c], targets[c], cfg.lora_rank,
                                  cfg.lora_init or "gaussian")

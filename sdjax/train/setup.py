@@ -58,6 +58,10 @@ def load_base_model(cfg: TrainConfig):
         raise ConfigError(f"{cfg.pretrained_model_name_or_path} has no tokenizer/: add one, or "
                           "give --tokenizer_name")
     apply_prediction_type(sd, cfg.prediction_type)  # for validation and the exported scheduler
+    if cfg.use_lora:  # bad --lora_layers or --rank for this model: refused before any writing
+        from sdjax.lora.training import run_targets
+
+        run_targets(cfg, sd.params)
     return sd
 
 
