@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -275,8 +276,7 @@ def _peft_settings(metadata: Mapping) -> dict:
 
 
 def _pattern_value(patterns: Mapping, name: str):
-    import re
-
+    """PEFT's alpha_pattern lookup: a pattern names a module by full name or dotted suffix."""
     for pattern, value in (patterns or {}).items():
         p = pattern.lstrip("^")
         if name == p or name.endswith("." + p) or re.fullmatch(rf"(.*\.)?(?:{p})", name):
