@@ -72,6 +72,10 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="default: the model's native size")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of the models")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="a LoRA file (diffusers or kohya format, or a folder holding "
+                             "pytorch_lora_weights.safetensors) fused into the weights at SCALE "
+                             "(default 1); repeat for several")
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=None,
                      help="a checkpoint's EMA weights (the default when the run kept EMA)")

@@ -18,6 +18,8 @@ import numpy as np
 from sdjax import storage
 from sdjax.checkpoints import base_model
 from sdjax.errors import ConfigError
+from sdjax.lora.fuse import fuse_lora_files, fuse_loras, load_loras
+from sdjax.lora.targets import ADAPTED_COMPONENTS
 from sdjax.parallel import sync_hosts
 from sdjax.sampling.images import grid, labelled_grid, to_pil
 from sdjax.sampling.prompts import prompt_list
@@ -47,6 +49,14 @@ def _negative(args):
     return negative[0] if isinstance(negative, list) and len(negative) == 1 else negative
 
 
+def _adapted(params: dict) -> dict:
+    return {c: params[c] for c in ADAPTED_COMPONENTS}
+
+
+def _lora_note(args) -> str:
+    return (" + LoRA " + ", ".join(args.lora)) if args.lora else ""
+
+
 def _sampling_settings(args, sd) -> dict:
     return dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 height=args.height, width=args.width, seed=args.seed,
@@ -71,6 +81,8 @@ def generate(args) -> list:
     if args.checkpoint:
         trained, step, meta, used_ema = read_model_weights(args.checkpoint, sd.params, args.ema)
         sd.params.update(_as_dtype(trained, args.dtype))
+    if args.lora:
+        sd.params.update(fuse_lora_files(_adapted(sd.params), args.lora))
     settings = _sampling_settings(args, sd)
     images = sd(prompts, _negative(args), num_images_per_prompt=args.num_images,
                 output_type="pil", **settings)
@@ -85,6 +97,7 @@ def generate(args) -> list:
         _save_png(grid(images, args.num_images), grid_path)
         record = dict(model=args.model or meta["base_model"]["pretrained_model_name_or_path"],
                       checkpoint=args.checkpoint, checkpoint_step=step, ema=used_ema,
+                      lora=args.lora,
                       prompts=prompts, negative_prompt=args.negative_prompt,
                       num_images_per_prompt=args.num_images, dtype=args.dtype,
                       processes=jax.process_count(), devices=jax.device_count(),
@@ -92,7 +105,7 @@ def generate(args) -> list:
         storage.write_text(storage.join(args.output_dir, "generate.json"),
                            json.dumps(record, indent=2))
         weights = (f"checkpoint step {step} ({'EMA' if used_ema else 'raw'})" if args.checkpoint
-                   else args.model)
+                   else args.model) + _lora_note(args)
         print(f"{len(images)} images of {len(prompts)} prompt(s) from {weights}, "
               f"{settings['scheduler']} {settings['num_inference_steps']} steps, guidance "
               f"{settings['guidance_scale']}, seed {settings['seed']} -> {args.output_dir} "
@@ -140,6 +153,7 @@ def compare(args) -> str:
     sampler = sd.sampler()
     settings = _sampling_settings(args, sd)
     base = sampler.place(sd.params)
+    loras = load_loras(args.lora, _adapted(sd.params))
 
     columns, labels = [], []
     final = storage.join(args.output_dir, "model_index.json")
@@ -154,6 +168,8 @@ def compare(args) -> str:
             trained, _, _, used_ema = ckpt.read_model_weights(path, sd.params, args.ema)
             label += " EMA" if used_ema else ""
         trained = _as_dtype(trained, args.dtype)
+        if loras:
+            trained = dict(trained, **fuse_loras(_adapted(dict(sd.params, **trained)), loras))
         out = sampler.sample(dict(base, **trained), prompts, _negative(args), **settings)
         columns.append(to_pil(out.images))
         labels.append(label)
@@ -166,7 +182,8 @@ def compare(args) -> str:
         if not storage.is_remote(output):
             os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         _save_png(labelled_grid(cells, prompts, labels), output)
-        print(f"{len(prompts)} prompts x {len(labels)} checkpoints ({settings['scheduler']} "
+        print(f"{len(prompts)} prompts x {len(labels)} checkpoints{_lora_note(args)} "
+              f"({settings['scheduler']} "
               f"{settings['num_inference_steps']} steps, seed {settings['seed']}) -> {output}")
     sync_hosts("sdjax-compare-written")
     return output
