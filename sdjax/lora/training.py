@@ -150,15 +150,6 @@ def write_lora_files(folder: str, adapters: Mapping, layout: Mapping, fmt: str,
             for f in formats]
 
 
-def architecture(sd, prediction_type: Optional[str] = None) -> str:
-    """The model-spec architecture name of a base pipeline (for the kohya file's metadata)."""
-    context = sd.configs["unet"].get("cross_attention_dim", 768)
-    if context == 1024:
-        v = (prediction_type or sd.scheduler_config.get("prediction_type")) == "v_prediction"
-        return "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
-    return "stable-diffusion-v1"
-
-
 class LoraOutput:
     """The LoRA files a run writes: output_dir/pytorch_lora_weights.safetensors at the end and
     output_dir/checkpoint-N/ with every checkpoint (diffusers' names: `load_lora_weights`

@@ -109,10 +109,12 @@ def _images_per_step(cfg: TrainConfig) -> int:
 def _lora_output(cfg: TrainConfig, sd, trainer, is_main: bool):
     if trainer.lora is None:
         return None
-    from sdjax.lora.training import LoraOutput, architecture
+    from sdjax.lora.files import model_architecture
+    from sdjax.lora.training import LoraOutput
 
+    # sd.scheduler_config carries --prediction_type (load_base_model)
     metadata = {"base_model": cfg.pretrained_model_name_or_path,
-                "architecture": architecture(sd, cfg.prediction_type)}
+                "architecture": model_architecture(sd.configs, sd.scheduler_config)}
     return LoraOutput(cfg, trainer.layout, metadata, is_main)
 
 
