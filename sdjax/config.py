@@ -197,7 +197,7 @@ class TrainConfig:
         elif self.task == "dreambooth":
             problems += self._dreambooth_problems()
             if self.tracker_project_name == "text2image-fine-tune":  # diffusers' name per script
-                self.tracker_project_name = "dreambooth"
+                self.tracker_project_name = "dreambooth-lora" if self.use_lora else "dreambooth"
         else:
             if not self.dataset_name and not self.train_data_dir:
                 problems.append("give --dataset_name or --train_data_dir")
@@ -306,8 +306,6 @@ class TrainConfig:
                 problems.append(f"--{given[0]} is a LoRA flag: run `python train_flax.py "
                                 f"{self.task}_lora ...`")
             return problems
-        if self.tracker_project_name == "text2image-fine-tune" and self.task == "dreambooth":
-            self.tracker_project_name = "dreambooth-lora"
         if self.lora_rank < 1:
             problems.append(f"--rank={self.rank} must be at least 1")
         if self.lora_alpha is not None and self.lora_alpha <= 0:

@@ -12,6 +12,7 @@ logs to a stand-in for wandb (a module that records the calls): the service is n
 from CI.
 """
 
+import importlib.machinery
 import sys
 import types
 
@@ -113,6 +114,8 @@ def argv_for(command, variables):
                          'accelerate launch --mixed_precision="fp16" ', "accelerate launch "):
             command = command.replace(f"{launcher}{script}.py",
                                       f"python train_flax.py {script[len('train_'):]}")
+    for name in variables:  # the shell's ${NAME} is $NAME
+        command = command.replace("${%s}" % name, "$" + name)
     return readme_argv(command, variables)
 
 
@@ -135,7 +138,10 @@ def fake_wandb(monkeypatch):
         def __init__(self, image, caption):
             self.caption = caption
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Image=Image))
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # libraries probe for it
+    wandb.init, wandb.Image = init, Image
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
     return calls
 
 
