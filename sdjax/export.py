@@ -1,4 +1,5 @@
-"""`train_flax.py export`: a checkpoint of a run written as a diffusers pipeline."""
+"""`train_flax.py export`: a checkpoint of a run written as a diffusers pipeline, or as one
+single-file checkpoint in the original LDM layout (`--format single_file`)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,25 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.checkpoints import trained_pipeline
+from sdjax.errors import ConfigError
 from sdjax.parallel import sync_hosts
 
 
+FORMATS = ("diffusers", "single_file")
+
+
 def export_checkpoint(checkpoint: str, output: str, ema: Optional[bool] = None,
-                      dtype: str = "float32") -> str:
+                      dtype: str = "float32", format: str = "diffusers") -> str:
     """Writes the run's base pipeline with every component the checkpoint trained replaced."""
+    if format not in FORMATS:
+        raise ConfigError(f"--format {format!r}: choose {' or '.join(FORMATS)}")
+    if format == "single_file" and not output.endswith(".safetensors"):
+        raise ConfigError(f"--format single_file writes one .safetensors file: name --output "
+                          f"FILE.safetensors, not {output}")
     sd, step, meta, use_ema = trained_pipeline(checkpoint, ema)
     if jax.process_index() == 0:  # on a pod, one host writes
-        sd.save_pretrained(output, dtype=None if dtype == "float32" else jnp.dtype(dtype))
+        save = sd.save_single_file if format == "single_file" else sd.save_pretrained
+        save(output, dtype=None if dtype == "float32" else jnp.dtype(dtype))
         from sdjax.checkpoints import layout_of
 
         trained = " and ".join(layout_of(meta)["trained"])

@@ -148,7 +148,10 @@ def load_pipeline(name: str, seed: int = 0, revision: Optional[str] = None,
     --tokenizer_name)."""
     from sdjax.model_files import is_single_file
 
-    if is_single_file(name) or original_config:
+    if original_config and not is_single_file(name):
+        raise WeightsError(f"--original_config describes a single-file checkpoint, but {name} is "
+                           "not a file: drop --original_config")
+    if is_single_file(name):
         return StableDiffusion.from_single_file(name, original_config=original_config,
                                                 dtype=dtype, vae=vae, tokenizer=tokenizer)
     if not os.path.exists(name) and os.path.isdir(os.path.join(SHIPPED_CONFIGS, name)):

@@ -66,7 +66,8 @@ def generate(args) -> list:
     step = used_ema = meta = None
     if args.checkpoint:
         meta = read_meta(args.checkpoint)
-    sd = (load_pipeline(args.model, 0, dtype=_dtype(args.dtype)) if args.model
+    sd = (load_pipeline(args.model, 0, dtype=_dtype(args.dtype),
+                        original_config=getattr(args, "original_config", None)) if args.model
           else base_model(meta, dtype=_dtype(args.dtype)))
     if args.checkpoint:
         trained, step, meta, used_ema = read_trained(args.checkpoint, sd.params, args.ema)

@@ -45,7 +45,8 @@ def base_model_spec(cfg: TrainConfig) -> dict:
     loads it back for export, generate and compare)."""
     return {"pretrained_model_name_or_path": cfg.pretrained_model_name_or_path,
             "revision": cfg.revision, "variant": cfg.variant, "seed": cfg.run_seed,
-            "vae": cfg.pretrained_vae_name_or_path, "tokenizer": cfg.tokenizer_name}
+            "vae": cfg.pretrained_vae_name_or_path, "tokenizer": cfg.tokenizer_name,
+            "original_config": cfg.original_config}
 
 
 def load_base_model(cfg: TrainConfig):
