@@ -266,7 +266,8 @@ class TrainConfig:
         model = self.pretrained_model_name_or_path
         if model and not os.path.isfile(os.path.expanduser(model)):
             return [f"--original_config describes a single-file checkpoint, but "
-                    f"--pretrained_model_name_or_path {model} is not a file: drop --original_config"]
+                    f"--pretrained_model_name_or_path {model} is not a file: drop "
+                    "--original_config"]
         return []
 
     def _text_encoder_problems(self) -> list:

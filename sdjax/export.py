@@ -9,21 +9,16 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.checkpoints import trained_pipeline
-from sdjax.errors import ConfigError
 from sdjax.parallel import sync_hosts
-
-
-FORMATS = ("diffusers", "single_file")
+from sdjax.weights.single_file_save import output_format
 
 
 def export_checkpoint(checkpoint: str, output: str, ema: Optional[bool] = None,
-                      dtype: str = "float32", format: str = "diffusers") -> str:
-    """Writes the run's base pipeline with every component the checkpoint trained replaced."""
-    if format not in FORMATS:
-        raise ConfigError(f"--format {format!r}: choose {' or '.join(FORMATS)}")
-    if format == "single_file" and not output.endswith(".safetensors"):
-        raise ConfigError(f"--format single_file writes one .safetensors file: name --output "
-                          f"FILE.safetensors, not {output}")
+                      dtype: str = "float32", format: Optional[str] = None) -> str:
+    """Writes the run's base pipeline with every component the checkpoint trained replaced:
+    a diffusers folder, or (`format="single_file"`, the default for a `.safetensors` output)
+    one single file."""
+    format = output_format(output, format)
     sd, step, meta, use_ema = trained_pipeline(checkpoint, ema)
     if jax.process_index() == 0:  # on a pod, one host writes
         save = sd.save_single_file if format == "single_file" else sd.save_pretrained

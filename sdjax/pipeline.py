@@ -401,8 +401,8 @@ class StableDiffusion:
         for component in MODEL_COMPONENTS:
             leaves = jax.tree_util.tree_leaves(merged[component])
             if leaves and isinstance(leaves[0], jax.ShapeDtypeStruct):
-                raise SdjaxError("these parameters are shapes only (from_config(init_params=False)); "
-                                 "nothing to save")
+                raise SdjaxError("these parameters are shapes only "
+                                 "(from_config(init_params=False)); nothing to save")
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         return write_single_file(path, merged, self.configs, family_of(self.configs), dtype)

@@ -36,7 +36,9 @@ TEXT_LAYOUT = {"sd1": "clip", "sd2": "openclip"}
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+                "norm2": "out_layers.0", "conv2": "out_layers.3",
+                "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
                   "to_out.0": "proj_out"}
 _OPENCLIP_FIXED = {"embeddings.token_embedding.weight": "token_embedding.weight",
@@ -94,20 +96,20 @@ def _vae(key: str, config: Mapping) -> Optional[str]:
         return f"{m[1]}.norm_out.{m[2]}"
     m = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(.+)", key)
     if m:
-        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_resnet(m[3], {'conv_shortcut': 'nin_shortcut'})}"
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_resnet(m[3], _VAE_RESNET)}"
     m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(\w+)", key)
     if m and m[2] in _VAE_ATTENTION:
         return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}"
     m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key)
     if m:
-        return f"encoder.down.{m[1]}.block.{m[2]}.{_resnet(m[3], {'conv_shortcut': 'nin_shortcut'})}"
+        return f"encoder.down.{m[1]}.block.{m[2]}.{_resnet(m[3], _VAE_RESNET)}"
     m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", key)
     if m:
         return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
     m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key)
     if m:
         level = levels - 1 - int(m[1])
-        return f"decoder.up.{level}.block.{m[2]}.{_resnet(m[3], {'conv_shortcut': 'nin_shortcut'})}"
+        return f"decoder.up.{level}.block.{m[2]}.{_resnet(m[3], _VAE_RESNET)}"
     m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", key)
     if m:
         return f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"

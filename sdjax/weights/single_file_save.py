@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from sdjax.errors import WeightsError
+from sdjax.errors import ConfigError, WeightsError
 from sdjax.weights.convert import _torch_shape, flax_to_torch_layout, torch_key
 from sdjax.weights.ldm_keys import is_vae_attention_projection, ldm_key
 from sdjax.weights.save import _replace_into
@@ -28,6 +28,7 @@ from sdjax.weights.save import _replace_into
 _CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
           "int64": "I64", "int32": "I32"}
 COMPONENTS = ("unet", "vae", "text_encoder")
+FORMATS = ("diffusers", "single_file")
 
 
 def write_safetensors(path: str, specs: Mapping[str, tuple], produce: Callable[[str], np.ndarray],
@@ -107,3 +108,18 @@ def family_of(configs: Mapping) -> str:
     quick GELU)."""
     act = configs["text_encoder"].get("hidden_act", "quick_gelu")
     return "sd2" if act == "gelu" else "sd1"
+
+
+def output_format(output: str, format: Optional[str]) -> str:
+    """`format`, or single_file for a `.safetensors` output and diffusers otherwise."""
+    inferred = "single_file" if output.endswith(".safetensors") else "diffusers"
+    format = format or inferred
+    if format not in FORMATS:
+        raise ConfigError(f"--format {format!r}: choose {' or '.join(FORMATS)}")
+    if format == "single_file" and inferred != "single_file":
+        raise ConfigError(f"--format single_file writes one .safetensors file: name --output "
+                          f"FILE.safetensors, not {output}")
+    if format == "diffusers" and inferred != "diffusers":
+        raise ConfigError(f"--output {output} names a .safetensors file: a diffusers pipeline is "
+                          "a folder (or use --format single_file)")
+    return format
