@@ -321,3 +321,15 @@ def test_save_single_file_float16(sd1, tmp_path):
     tensors = load_file(path)
     assert {v.dtype for v in tensors.values()} == {np.dtype(np.float16)}
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_legacy_ckpt_format_and_vae_override(files, sd1, sd1_dir, sd2, sd2_dir, tmp_path):
+    import torch
+
+    state = {k: torch.from_numpy(v) for k, v in load_file(files["sd1"]).items()}
+    path = str(tmp_path / "old.ckpt")  # a plain state dict in the pre-1.6 (non-zip) format
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    sd = StableDiffusion.from_single_file(path, original_config=str(sd1_dir),
+                                          vae=os.path.join(str(sd2_dir), "vae"))
+    assert_params_equal({**sd1.params, "vae": sd2.params["vae"]}, sd.params)
+    assert sd.configs["vae"]["scaling_factor"] == 0.5

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import storage
-from sdjax.checkpoints import base_model
+from sdjax.checkpoints import apply_prediction_type, base_model
 from sdjax.errors import ConfigError
 from sdjax.parallel import sync_hosts
 from sdjax.sampling.images import grid, labelled_grid, to_pil
@@ -69,6 +69,7 @@ def generate(args) -> list:
     sd = (load_pipeline(args.model, 0, dtype=_dtype(args.dtype),
                         original_config=getattr(args, "original_config", None)) if args.model
           else base_model(meta, dtype=_dtype(args.dtype)))
+    apply_prediction_type(sd, getattr(args, "prediction_type", None))
     if args.checkpoint:
         trained, step, meta, used_ema = read_trained(args.checkpoint, sd.params, args.ema)
         sd.params.update(_as_dtype(trained, args.dtype))

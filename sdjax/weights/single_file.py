@@ -70,7 +70,13 @@ def _open_torch(path: str) -> SingleFile:
                            "`pip install torch` (the CPU build is enough), or use the model's "
                            ".safetensors file.") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Files saved before PyTorch 1.6 (not zip archives) cannot be memory-mapped.
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise WeightsError(f"cannot read {path} with torch.load(weights_only=True): {first}. Use "
