@@ -123,18 +123,28 @@ def merge_models(models: Sequence[str], output: str, method: str = "weighted_sum
         sources = [f.sources[component](first_shapes[component]) for f in files[1:]]
         flat = flatten_dict(sd.params.pop(component))  # replaced tensor by tensor
         for path in list(flat):
-            value = flat[path]
             shape = expected[path].shape
-            rest = [read_param(src, path, shape, component, np.float32, layout)
-                    for src, layout in sources]
+
+            def read(i):
+                source, layout = sources[i]
+                tensor = read_param(source, path, shape, component, np.float32, layout)
+                return tensor if tensor.flags.writeable else np.array(tensor)
+
+            # In place: at most two more copies of the tensor being merged at a time.
             if method == "add_difference":
-                flat[path] = value + np.float32(coeffs[1]) * (rest[0] - rest[1])
+                total = read(0)
+                total -= read(1)  # B - C
+                total *= np.float32(coeffs[1])
+                total += flat[path]
             else:
-                total = np.float32(coeffs[0]) * value
-                for w, tensor in zip(coeffs[1:], rest):
-                    total = total + np.float32(w) * tensor
-                flat[path] = total
-            del value, rest
+                total = np.float32(coeffs[0]) * flat[path]
+                for i, w in enumerate(coeffs[1:]):
+                    tensor = read(i)
+                    tensor *= np.float32(w)
+                    total += tensor
+                    del tensor
+            flat[path] = total
+            del total
         sd.params[component] = unflatten_dict(flat)
     sd.params = fuse_loras(sd.params, fuse_lora)
     out_dtype = None if dtype == "float32" else np.dtype(_numpy_dtype(dtype))
