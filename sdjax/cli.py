@@ -93,6 +93,8 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--original_config",
                         help="describes a non-standard single-file --model: its LDM yaml or a "
                              "diffusers folder")
+    parser.add_argument("--tokenizer_name",
+                        help="tokenizer folder or hub id (default: the model's own)")
     parser.add_argument("--prediction_type", choices=("epsilon", "v_prediction"),
                         help="override the model's (e.g. an SD 2.x 512-base single file: epsilon)")
     parser.add_argument("--checkpoint", help="sample with the UNet of OUTPUT_DIR/checkpoints/checkpoint_N")

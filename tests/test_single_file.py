@@ -333,3 +333,13 @@ def test_legacy_ckpt_format_and_vae_override(files, sd1, sd1_dir, sd2, sd2_dir, 
                                           vae=os.path.join(str(sd2_dir), "vae"))
     assert_params_equal({**sd1.params, "vae": sd2.params["vae"]}, sd.params)
     assert sd.configs["vae"]["scaling_factor"] == 0.5
+
+
+def test_load_pipeline_and_load_base_take_single_files(files, sd2, sd2_dir):
+    from sdjax.pipeline import load_base, load_pipeline
+
+    sd = load_pipeline(files["sd2"], original_config=str(sd2_dir), tokenizer=TINY_TOKENIZER)
+    assert_params_equal(sd2.params, sd.params)
+    assert sd.tokenizer.name_or_path == TINY_TOKENIZER
+    spec = {"pretrained_model_name_or_path": files["sd2"], "original_config": str(sd2_dir)}
+    assert_params_equal(sd2.params, load_base(spec).params)

@@ -67,6 +67,7 @@ def generate(args) -> list:
     if args.checkpoint:
         meta = read_meta(args.checkpoint)
     sd = (load_pipeline(args.model, 0, dtype=_dtype(args.dtype),
+                        tokenizer=getattr(args, "tokenizer_name", None),
                         original_config=getattr(args, "original_config", None)) if args.model
           else base_model(meta, dtype=_dtype(args.dtype)))
     apply_prediction_type(sd, getattr(args, "prediction_type", None))
