@@ -8,6 +8,7 @@
     python train_flax.py export --checkpoint OUT/checkpoints/checkpoint_N --output DIR
     python train_flax.py generate --model DIR_OR_ID [--checkpoint ...] --prompt ... --output_dir DIR
     python train_flax.py compare --output_dir OUT --prompts P1 P2 ... [--steps all|N,M]
+    python train_flax.py merge --models A B [C ...] --output OUT [--weights ...]
 
 Errors a user can fix are printed as one line (no traceback) with exit status 2.
 """
@@ -25,7 +26,7 @@ TRAIN_COMMANDS = {"train": "text_to_image", "text_to_image": "text_to_image",
                   "text_to_image_flax": "text_to_image", "dreambooth": "dreambooth",
                   "dreambooth_flax": "dreambooth", "text_to_image_lora": "text_to_image",
                   "dreambooth_lora": "dreambooth"}
-COMMANDS = tuple(TRAIN_COMMANDS) + ("cache", "export", "generate", "compare")
+COMMANDS = tuple(TRAIN_COMMANDS) + ("cache", "export", "generate", "compare", "merge")
 
 
 def _quiet_libraries() -> None:
@@ -46,7 +47,13 @@ def export_parser() -> argparse.ArgumentParser:
                                      description="Write a checkpoint as a diffusers pipeline.")
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint folder: OUTPUT_DIR/checkpoints/checkpoint_N")
-    parser.add_argument("--output", required=True, help="folder for the diffusers pipeline")
+    parser.add_argument("--output", required=True,
+                        help="folder for the diffusers pipeline (FILE.safetensors with "
+                             "--format single_file)")
+    parser.add_argument("--format", choices=("diffusers", "single_file"),
+                        help="a diffusers pipeline folder (the default) or one .safetensors file "
+                             "in the original LDM layout (A1111, ComfyUI; the default for an "
+                             "--output ending in .safetensors)")
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=None,
                      help="export the EMA weights (the default when the run kept EMA)")
@@ -87,8 +94,15 @@ def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_flax.py generate", allow_abbrev=False,
         description="Text to image with JAX: one PNG per image and a grid (a row per prompt).")
-    parser.add_argument("--model", help="a diffusers folder or hub id (default with --checkpoint: "
-                                        "the run's base model)")
+    parser.add_argument("--model", help="a diffusers folder, hub id or single-file checkpoint "
+                                        "(default with --checkpoint: the run's base model)")
+    parser.add_argument("--original_config",
+                        help="describes a non-standard single-file --model: its LDM yaml or a "
+                             "diffusers folder")
+    parser.add_argument("--tokenizer_name",
+                        help="tokenizer folder or hub id (default: the model's own)")
+    parser.add_argument("--prediction_type", choices=("epsilon", "v_prediction"),
+                        help="override the model's (e.g. an SD 2.x 512-base single file: epsilon)")
     parser.add_argument("--checkpoint", help="sample with the UNet of OUTPUT_DIR/checkpoints/checkpoint_N")
     parser.add_argument("--prompt", nargs="+", required=True, metavar="TEXT")
     parser.add_argument("--num_images", type=int, default=1, help="images per prompt")
@@ -109,6 +123,37 @@ def compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="the grid's path (default OUTPUT_DIR/compare.png)")
     _sampling_flags(parser)
     parser.set_defaults(num_inference_steps=30)
+    return parser
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_flax.py merge", allow_abbrev=False,
+        description="Merge checkpoints as A1111's checkpoint merger does: a weighted sum of the "
+                    "models, or A + M * (B - C) (add_difference).")
+    parser.add_argument("--models", nargs="+", required=True, metavar="MODEL",
+                        help="diffusers folders, hub ids or single-file checkpoints (A B [C ...])")
+    parser.add_argument("--output", required=True,
+                        help="a diffusers folder, or FILE.safetensors for one single file")
+    parser.add_argument("--method", choices=("weighted_sum", "add_difference"),
+                        default="weighted_sum")
+    parser.add_argument("--weights", nargs="+", type=float, metavar="W",
+                        help="weighted_sum: one weight per model (default: equal weights; "
+                             "A1111's multiplier M is --weights 1-M M)")
+    parser.add_argument("--multiplier", type=float,
+                        help="add_difference: M in A + M * (B - C) (default 1)")
+    parser.add_argument("--format", choices=("diffusers", "single_file"),
+                        help="default: single_file for an --output ending in .safetensors, "
+                             "else diffusers")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="dtype of the saved weights (the merge itself runs in float32)")
+    parser.add_argument("--original_config",
+                        help="describes non-standard single-file inputs: an LDM yaml or a "
+                             "diffusers folder")
+    parser.add_argument("--tokenizer_name",
+                        help="tokenizer for the output (default: the first model's)")
+    parser.add_argument("--fuse_lora", action="append", metavar="FILE:SCALE",
+                        help="fuse a LoRA file into the merged weights (repeatable)")
     return parser
 
 
@@ -133,7 +178,15 @@ def main(argv=None) -> int:
             from sdjax.export import export_checkpoint
 
             args = export_parser().parse_args(argv)
-            export_checkpoint(args.checkpoint, args.output, ema=args.ema, dtype=args.dtype)
+            export_checkpoint(args.checkpoint, args.output, ema=args.ema, dtype=args.dtype,
+                              format=args.format)
+        elif command == "merge":
+            from sdjax.merge import merge_models
+
+            args = merge_parser().parse_args(argv)
+            merge_models(args.models, args.output, args.method, args.weights, args.multiplier,
+                         args.format, args.dtype, args.original_config, args.tokenizer_name,
+                         args.fuse_lora)
         elif command in ("generate", "compare"):
             from sdjax.sampling import commands
 

@@ -58,6 +58,7 @@ class TrainConfig:
     prediction_type: Optional[str] = None
     tokenizer_name: Optional[str] = None
     pretrained_vae_name_or_path: Optional[str] = None
+    original_config: Optional[str] = None
     # DreamBooth (the dreambooth command)
     instance_data_dir: Optional[str] = None
     instance_prompt: Optional[str] = None
@@ -191,7 +192,9 @@ class TrainConfig:
         problems = []
         if not self.pretrained_model_name_or_path:
             problems.append("--pretrained_model_name_or_path is required (a diffusers folder, a "
-                            "hub id, or a shipped config name such as 'tiny')")
+                            "hub id, a single-file checkpoint, or a shipped config name such as "
+                            "'tiny')")
+        problems += self._original_config_problems()
         if self.task not in TASKS:
             problems.append(f"--task={self.task!r}: choose one of {', '.join(TASKS)}")
         elif self.task == "dreambooth":
@@ -278,6 +281,19 @@ class TrainConfig:
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
+    def _original_config_problems(self) -> list:
+        if not self.original_config:
+            return []
+        if not os.path.exists(os.path.expanduser(self.original_config)):
+            return [f"--original_config {self.original_config} does not exist (give the single "
+                    "file's LDM yaml or a diffusers folder describing it)"]
+        model = self.pretrained_model_name_or_path
+        if model and not os.path.isfile(os.path.expanduser(model)):
+            return [f"--original_config describes a single-file checkpoint, but "
+                    f"--pretrained_model_name_or_path {model} is not a file: drop "
+                    "--original_config"]
+        return []
 
     def _text_encoder_problems(self) -> list:
         problems = []

@@ -56,7 +56,8 @@ def resolve_model_dir(name_or_path: str, revision: Optional[str] = None,
         return expanded
     if os.path.exists(expanded):
         raise WeightsError(f"{name_or_path} is a file; pass the pipeline folder (the one holding "
-                           "model_index.json) or a hub id")
+                           "model_index.json) or a hub id (a single-file checkpoint loads with "
+                           "StableDiffusion.from_single_file)")
     if _looks_like_path(name_or_path):
         raise WeightsError(f"model folder {name_or_path} does not exist; pass an existing "
                            "diffusers pipeline folder or a hub id such as "

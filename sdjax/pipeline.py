@@ -140,10 +140,20 @@ def load_tokenizer(name_or_path: str):
 
 def load_pipeline(name: str, seed: int = 0, revision: Optional[str] = None,
                   variant: Optional[str] = None, dtype=None, vae: Optional[str] = None,
-                  tokenizer: Optional[str] = None) -> "StableDiffusion":
-    """A diffusers folder or hub id, or a shipped config name (random weights from `seed`);
-    `vae` and `tokenizer` replace those of the pipeline (diffusers' --pretrained_vae_name_or_path
-    and --tokenizer_name)."""
+                  tokenizer: Optional[str] = None,
+                  original_config: Optional[str] = None) -> "StableDiffusion":
+    """A diffusers folder or hub id, a single-file checkpoint (`original_config` describes a
+    non-standard one), or a shipped config name (random weights from `seed`); `vae` and
+    `tokenizer` replace those of the pipeline (diffusers' --pretrained_vae_name_or_path and
+    --tokenizer_name)."""
+    from sdjax.model_files import is_single_file
+
+    if original_config and not is_single_file(name):
+        raise WeightsError(f"--original_config describes a single-file checkpoint, but {name} is "
+                           "not a file: drop --original_config")
+    if is_single_file(name):
+        return StableDiffusion.from_single_file(name, original_config=original_config,
+                                                dtype=dtype, vae=vae, tokenizer=tokenizer)
     if not os.path.exists(name) and os.path.isdir(os.path.join(SHIPPED_CONFIGS, name)):
         if vae:
             raise WeightsError("--pretrained_vae_name_or_path needs a pretrained model, not the "
@@ -162,7 +172,7 @@ def load_base(spec: Mapping[str, Any], dtype=None) -> "StableDiffusion":
     (`sdjax.train.setup.base_model_spec`)."""
     sd = load_pipeline(spec["pretrained_model_name_or_path"], spec.get("seed", 0),
                        spec.get("revision"), spec.get("variant"), dtype, spec.get("vae"),
-                       spec.get("tokenizer"))
+                       spec.get("tokenizer"), spec.get("original_config"))
     if spec.get("lora"):  # LoRA files fused into the base (--lora)
         from sdjax.lora.fuse import fuse_lora_files
 
@@ -248,6 +258,35 @@ class StableDiffusion:
                                             param_dtype, torch_layout=torch_layout)
         tokenizer = cls._read_tokenizer(folder, required=True)
         return cls(modules, params, configs, tokenizer, scheduler_config, source=name_or_path)
+
+    @classmethod
+    def from_single_file(cls, path: str, original_config: Optional[str] = None,
+                         prediction_type: Optional[str] = None, dtype=None,
+                         tokenizer: Optional[str] = None, vae: Optional[str] = None,
+                         ema: bool = False, require_tokenizer: bool = True,
+                         attention_implementation: Optional[str] = "xla",
+                         gradient_checkpointing: bool = False,
+                         remat_policy: str = "nothing_saveable") -> "StableDiffusion":
+        """Loads a single-file SD 1.x/2.x checkpoint in the original LDM layout (`.safetensors`,
+        or `.ckpt` with torch installed), as A1111, ComfyUI and civitai use.
+
+        The family comes from the text encoder's keys: SD 1.x is described by the shipped
+        `sd15` config (epsilon), SD 2.x by `sd21` (v-prediction); `original_config` (an LDM
+        yaml, or a diffusers folder with the configs, scheduler and tokenizer) describes other
+        models, and `prediction_type` overrides the scheduler's. The tokenizer is that of the
+        family's reference model from the Hugging Face hub (cached), unless `tokenizer` (a
+        folder or hub id) or the `original_config` folder gives one. `ema` reads the UNet's
+        EMA weights (`model_ema.*`) of files that keep them.
+        """
+        from sdjax.model_files import load_model, open_single_file_model
+
+        if not os.path.isfile(os.path.expanduser(path)):
+            raise WeightsError(f"single-file checkpoint {path} does not exist")
+        files = open_single_file_model(path, original_config, prediction_type, ema)
+        return load_model(files, dtype, tokenizer, vae, require_tokenizer,
+                          attention_implementation=attention_implementation,
+                          gradient_checkpointing=gradient_checkpointing,
+                          remat_policy=remat_policy)
 
     @classmethod
     def from_config(cls, name_or_path: str = "tiny", seed: int = 0, dtype=None,
@@ -351,3 +390,24 @@ class StableDiffusion:
             write_pipeline(folder, merged, self.configs, self.scheduler_config, self.tokenizer,
                            dtype)
         return directory
+
+    def save_single_file(self, path: str, params: Optional[Mapping[str, Any]] = None,
+                         dtype=None) -> str:
+        """Writes one `.safetensors` file in the original LDM layout (A1111, ComfyUI and
+        diffusers' `from_single_file` read it). SD 2.x-style models (a GELU text encoder) get an
+        OpenCLIP text encoder, others a CLIP one. `params` and `dtype` as in save_pretrained."""
+        from sdjax.weights.single_file_save import family_of, write_single_file
+
+        merged = dict(self.params)
+        merged.update(params or {})
+        if not path.endswith(".safetensors") or "://" in path:
+            raise WeightsError(f"{path}: a single-file checkpoint is written as a local "
+                               ".safetensors file")
+        for component in MODEL_COMPONENTS:
+            leaves = jax.tree_util.tree_leaves(merged[component])
+            if leaves and isinstance(leaves[0], jax.ShapeDtypeStruct):
+                raise SdjaxError("these parameters are shapes only "
+                                 "(from_config(init_params=False)); nothing to save")
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        return write_single_file(path, merged, self.configs, family_of(self.configs), dtype)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import storage
-from sdjax.checkpoints import base_model
+from sdjax.checkpoints import apply_prediction_type, base_model
 from sdjax.errors import ConfigError
 from sdjax.lora.fuse import fuse_lora_files, fuse_loras, load_loras
 from sdjax.lora.targets import ADAPTED_COMPONENTS
@@ -76,8 +76,11 @@ def generate(args) -> list:
     step = used_ema = meta = None
     if args.checkpoint:
         meta = read_meta(args.checkpoint)
-    sd = (load_pipeline(args.model, 0, dtype=_dtype(args.dtype)) if args.model
+    sd = (load_pipeline(args.model, 0, dtype=_dtype(args.dtype),
+                        tokenizer=getattr(args, "tokenizer_name", None),
+                        original_config=getattr(args, "original_config", None)) if args.model
           else base_model(meta, dtype=_dtype(args.dtype)))
+    apply_prediction_type(sd, getattr(args, "prediction_type", None))
     if args.checkpoint:
         trained, step, meta, used_ema = read_model_weights(args.checkpoint, sd.params, args.ema)
         sd.params.update(_as_dtype(trained, args.dtype))

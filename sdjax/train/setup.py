@@ -46,7 +46,7 @@ def base_model_spec(cfg: TrainConfig) -> dict:
     return {"pretrained_model_name_or_path": cfg.pretrained_model_name_or_path,
             "revision": cfg.revision, "variant": cfg.variant, "seed": cfg.run_seed,
             "vae": cfg.pretrained_vae_name_or_path, "tokenizer": cfg.tokenizer_name,
-            "lora": list(cfg.lora or [])}
+            "lora": list(cfg.lora or []), "original_config": cfg.original_config}
 
 
 def load_base_model(cfg: TrainConfig):

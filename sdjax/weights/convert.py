@@ -158,6 +158,24 @@ def load_params(source: TensorSource, expected: Mapping, component: str, dtype,
     return unflatten_dict(out)
 
 
+def read_param(source: TensorSource, path: Sequence[str], shape: Sequence[int], component: str,
+               dtype, torch_layout: bool = True) -> np.ndarray:
+    """One parameter of `source` in Flax layout (for reading a model tensor by tensor);
+    WeightsError naming the key if it is missing or has another shape."""
+    available = source.keys()
+    candidates = torch_key_candidates(path, component) if torch_layout else ["/".join(path)]
+    key = next((c for c in candidates if c in available), None)
+    if key is None:
+        raise WeightsError(f"{component} weights in {source.where} lack {candidates[0]}")
+    tensor = source.get(key)
+    converted = torch_to_flax_layout(path, tensor, len(shape)) if torch_layout else tensor
+    if tuple(converted.shape) != tuple(shape):
+        expected = _torch_shape(path, shape) if torch_layout else tuple(shape)
+        raise WeightsError(f"{component} weights in {source.where}: {key} has shape "
+                           f"{_shape_str(tensor.shape)}, expected {_shape_str(expected)}")
+    return np.asarray(converted, dtype=dtype)
+
+
 def to_torch_state_dict(params: Mapping, component: str, dtype=None) -> dict:
     """Flax tree -> {current diffusers/transformers key: contiguous numpy array}."""
     state = {}
