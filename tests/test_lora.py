@@ -122,3 +122,32 @@ def test_bad_targets_and_ranks(sd1):
         targets_for(shapes, ["unet"], "attention", rank=64)
     with pytest.raises(ConfigError, match="names no layer"):
         layer_names(" , ")
+
+
+def test_adapter_dropout_as_peft():
+    """--lora_dropout drops the adapter's input (inverted dropout) when the step passes a
+    dropout rng; sampling (no rng) and rate 0 leave it whole."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(0)
+    layer = nn.Dense(16)
+    base = {"kernel": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32),
+            "bias": jnp.zeros((16,), jnp.float32)}
+    adapter = {"down": jnp.asarray(rng.normal(size=(32, 4)), jnp.float32),
+               "up": jnp.asarray(rng.normal(size=(4, 16)), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(8, 32)), jnp.float32)
+    variables = {"params": base, "lora": adapter}
+    plain = layer.apply({"params": base}, x)
+    whole = AdaptedModel(layer, 0.5).apply(variables, x)
+    dropped = AdaptedModel(layer, 0.5, dropout=0.25)
+    key = jax.random.key(1)
+    once = dropped.apply(variables, x, rngs={"dropout": key})
+    np.testing.assert_array_equal(once, dropped.apply(variables, x, rngs={"dropout": key}))
+    np.testing.assert_allclose(dropped.apply(variables, x), whole, rtol=1e-6)  # no rng: whole
+    np.testing.assert_allclose(AdaptedModel(layer, 0.5, 0.0).apply(
+        variables, x, rngs={"dropout": key}), whole, rtol=1e-6)
+    assert not np.allclose(once, whole)
+    # Inverted dropout: over many masks, the adapter's output averages to the whole one.
+    mean = np.mean([np.asarray(dropped.apply(variables, x, rngs={"dropout": jax.random.key(i)}))
+                    for i in range(400)], axis=0)
+    np.testing.assert_allclose(mean, whole, atol=0.15 * float(np.abs(whole - plain).max()))

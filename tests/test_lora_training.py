@@ -12,6 +12,7 @@ import logging
 import os
 import warnings
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -129,6 +130,64 @@ def test_generate_from_the_checkpoint_equals_generate_with_the_lora_file(lora_ru
              (("ckpt", a), ("file", b), ("base", c))}
     assert np.abs(image["ckpt"] - image["file"]).max() <= 1
     assert np.abs(image["ckpt"] - image["base"]).max() > 8
+
+
+def test_compare_a_lora_run(lora_run, tmp_path):
+    """compare on a LoRA run: a column per checkpoint and one for the final LoRA file (the
+    same adapters here: equal columns); --lora fuses another LoRA into every column."""
+    from PIL import Image
+
+    common = ["compare", f"--output_dir={lora_run['out']}", "--prompts", PROMPTS[0],
+              "--num_inference_steps=2", "--height=32", "--width=32"]
+    code, stdout, stderr = run_cli(common + [f"--output={tmp_path / 'a.png'}"])
+    assert code == 0, stderr
+    assert "1 prompts x 2 checkpoints" in stdout and "final LoRA:" in stdout
+    file = os.path.join(lora_run["out"], "pytorch_lora_weights.safetensors")
+    code, stdout, stderr = run_cli(common + [f"--output={tmp_path / 'b.png'}",
+                                             f"--lora={file}:0.5"])
+    assert code == 0, stderr
+    a = np.asarray(Image.open(tmp_path / "a.png"), np.int16)
+    b = np.asarray(Image.open(tmp_path / "b.png"), np.int16)
+    assert a.shape == b.shape and np.abs(a - b).max() > 8  # the extra LoRA changes the images
+    # The final LoRA column has the last checkpoint's weights (the same adapters).
+    from sdjax.checkpoints import read_model_weights
+    from sdjax.lora.fuse import fuse_lora_files
+    from sdjax.pipeline import load_pipeline
+
+    base = load_pipeline(lora_run["model"]).params
+    final = fuse_lora_files({c: base[c] for c in ("unet", "text_encoder")}, [file])
+    last, *_ = read_model_weights(os.path.join(lora_run["out"], "checkpoints", "checkpoint_2"),
+                                  base)
+    for component in ("unet", "text_encoder"):
+        for got, want in zip(jax.tree_util.tree_leaves(final[component]),
+                             jax.tree_util.tree_leaves(last[component])):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_flag_fuses_files_into_the_base(lora_run, tmp_path):
+    """--lora FILE[:SCALE] on a training command: the base the run trains (and validates,
+    exports, generates) from has the LoRA fused in, and the checkpoints record it."""
+    from sdjax.config import parse_train_args
+    from sdjax.lora.fuse import fuse_lora_files
+    from sdjax.pipeline import load_base, load_pipeline
+    from sdjax.train.setup import base_model_spec, load_base_model
+
+    file = os.path.join(lora_run["out"], "pytorch_lora_weights.safetensors")
+    cfg, _ = parse_train_args(lora_args(lora_run["model"], str(tmp_path / "o"))[1:]
+                              + ["--lora", f"{file}:0.5"], lora=True)
+    cfg.validate()
+    spec = base_model_spec(cfg)
+    assert spec["lora"] == [f"{file}:0.5"]
+    plain = load_pipeline(lora_run["model"]).params
+    want = fuse_lora_files(plain, [f"{file}:0.5"])
+
+    def to_q(params):
+        return np.asarray(params["unet"]["down_blocks_0"]["attentions_0"][
+            "transformer_blocks_0"]["attn1"]["to_q"]["kernel"])
+
+    assert not np.array_equal(to_q(want), to_q(plain))
+    for sd in (load_base_model(cfg), load_base(spec)):
+        np.testing.assert_array_equal(to_q(sd.params), to_q(want))
 
 
 def test_resume_lora_starts_from_the_file(lora_run):

@@ -20,6 +20,7 @@ from sdjax.checkpoints import apply_prediction_type, base_model
 from sdjax.errors import ConfigError
 from sdjax.lora.fuse import fuse_lora_files, fuse_loras, load_loras
 from sdjax.lora.targets import ADAPTED_COMPONENTS
+from sdjax.lora.training import LORA_FILE
 from sdjax.parallel import sync_hosts
 from sdjax.sampling.images import grid, labelled_grid, to_pil
 from sdjax.sampling.prompts import prompt_list
@@ -138,7 +139,7 @@ RUN_FOLDERS = ("checkpoints", "abandoned_checkpoints", "latent_cache", "logs", "
 
 def compare(args) -> str:
     """Samples every prompt from each chosen checkpoint of a run (and its exported final
-    pipeline, with --steps all) with the same seeds; writes the labelled grid, rows prompts and
+    pipeline or final LoRA file, with --steps all) with the same seeds; writes the labelled grid, rows prompts and
     columns checkpoints. -> the grid's path."""
     from sdjax import checkpoints as ckpt
     from sdjax.pipeline import StableDiffusion
@@ -160,13 +161,18 @@ def compare(args) -> str:
 
     columns, labels = [], []
     final = storage.join(args.output_dir, "model_index.json")
+    final_lora = storage.join(args.output_dir, LORA_FILE)  # a LoRA run's output
     weights = [(f"step {s}", p) for s, p in zip(steps, paths)]
     if args.steps == "all" and storage.exists(final):
         weights.append(("final", None))
+    elif args.steps == "all" and storage.exists(final_lora):
+        weights.append(("final LoRA", final_lora))
     for label, path in weights:
         if path is None:
             with storage.local_copy(args.output_dir, skip=RUN_FOLDERS) as folder:
                 trained = StableDiffusion.from_pretrained(folder).params
+        elif path == final_lora:
+            trained = fuse_lora_files(_adapted(sd.params), [final_lora])
         else:
             trained, _, _, used_ema = ckpt.read_model_weights(path, sd.params, args.ema)
             label += " EMA" if used_ema else ""
