@@ -119,6 +119,7 @@ class TrainConfig:
     input_perturbation: float = 0.0
     # Precision and EMA
     mixed_precision: Optional[str] = None
+    frozen_dtype: Optional[str] = None      # of the frozen weights; default the compute dtype
     use_ema: bool = False
     # Output, logging, checkpoints
     output_dir: str = "sd-model-finetuned"
@@ -153,6 +154,13 @@ class TrainConfig:
     def compute_dtype_name(self) -> str:
         """bf16 for both 'bf16' and 'fp16' (see README: fp16 runs as bf16), else float32."""
         return "bfloat16" if self.mixed_precision in ("fp16", "bf16") else "float32"
+
+    @property
+    def frozen_dtype_name(self) -> str:
+        """The frozen weights' dtype: --frozen_dtype, else the compute dtype (as diffusers
+        keeps frozen models in the weight dtype)."""
+        return {"bf16": "bfloat16", "fp32": "float32"}.get(self.frozen_dtype,
+                                                            self.compute_dtype_name)
 
     @property
     def trained_components(self) -> list:
@@ -224,6 +232,8 @@ class TrainConfig:
             problems.append("--checkpoints_total_limit must be at least 1")
         if self.lr_scheduler not in LR_SCHEDULERS:
             problems.append(f"--lr_scheduler={self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
+        if self.frozen_dtype not in (None, "bf16", "fp32"):
+            problems.append(f"--frozen_dtype={self.frozen_dtype!r}: choose bf16 or fp32")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"--mixed_precision={self.mixed_precision!r}: choose no, fp16 or bf16")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):

@@ -4,8 +4,8 @@ hold only the adapters, are kept in step with their LoRA folders, and export / g
 them; --resume_lora; one-line errors for bad LoRA input.
 
 One training run (module fixture) serves most tests: the tiny diffusers-made SD 1.x-style model,
-LoCon on the UNet and LoRA on the text encoder, rank 4 and alpha 8 (scale 2), 2 steps at 32 px
-with a high learning rate so the adapters move far from zero.
+LoCon on the UNet and LoRA on the text encoder, rank 4 and alpha 8 (scale 2), the frozen base in
+bfloat16, 2 steps at 32 px with a high learning rate so the adapters move far from zero.
 """
 
 import logging
@@ -29,7 +29,8 @@ def lora_args(model, out, *extra):
             "--train_batch_size=1", "--max_train_steps=2", "--checkpointing_steps=1",
             "--checkpoints_total_limit=1", "--learning_rate=5e-2", "--lr_scheduler=constant",
             "--lr_warmup_steps=0", "--train_text_encoder", "--lora_layers=locon", "--rank=4",
-            "--lora_alpha=8", "--save_lora_format=both", "--seed=3", *extra]
+            "--lora_alpha=8", "--save_lora_format=both", "--frozen_dtype=bf16", "--seed=3",
+            *extra]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,8 @@ def test_run_writes_lora_files_not_a_pipeline(lora_run):
     assert sorted(os.listdir(os.path.join(out, "checkpoint-2"))) == [
         "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"]
     assert "training LoRA rank 4 (alpha 8) on unet (" in lora_run["stdout"]
+    # The frozen base held in bfloat16 while computing in float32 (--frozen_dtype bf16).
+    assert "compute float32, frozen weights bfloat16" in lora_run["stdout"]
 
 
 def test_checkpoints_hold_only_the_adapters(lora_run):

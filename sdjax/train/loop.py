@@ -160,7 +160,8 @@ def _print_summary(cfg: TrainConfig, inputs, trainer, start_step: int, max_steps
                    + " + ".join(f"{c} ({len(adapter_layers(a))} layers)" for c, a in adapters.items())
                    + f", {count(adapters):,} parameters")
     print(f"{cfg.task}: training {trained}; data: {inputs.description}; training steps "
-          f"{start_step} -> {max_steps}; compute {cfg.compute_dtype_name}, EMA "
+          f"{start_step} -> {max_steps}; compute {cfg.compute_dtype_name}, frozen weights "
+          f"{cfg.frozen_dtype_name}, EMA "
           f"{'on' if cfg.use_ema else 'off'}, prediction {trainer.schedule.prediction_type}")
 
 

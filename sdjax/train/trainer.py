@@ -111,7 +111,7 @@ def build_trainer(cfg: TrainConfig, sd, loader, mesh, max_steps: int) -> Trainer
         frozen.pop("vae", None)
     if loader.supplies_text_embeddings and "text_encoder" not in trainable:
         frozen.pop("text_encoder", None)
-    frozen = _cast(frozen, dtype)
+    frozen = _cast(frozen, jnp.dtype(cfg.frozen_dtype_name))
     frozen_sharding = frozen_shardings(mesh, frozen)
     frozen = place(frozen, frozen_sharding)
 
