@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,10 +65,7 @@ def file_sizes(model: str) -> list:
 
 def main():
     args = trainable_sets.parse()
-    info = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-            "jax": jax.__version__}
+    info = trainable_sets.run_info()
     with tempfile.TemporaryDirectory() as tmp:
         args.model = train_step.model_folder(args, tmp)
         info["rows"] = trainable_sets.compare(args, CONFIGURATIONS)

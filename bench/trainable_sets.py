@@ -129,12 +129,17 @@ def markdown(args, rows, base_name: str = "UNet only") -> str:
     return "\n".join(lines)
 
 
-def main():
-    args = parse()
-    info = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+def run_info() -> dict:
+    """The command, date, machine and devices of this benchmark run."""
+    return {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
             "jax": jax.__version__}
+
+
+def main():
+    args = parse()
+    info = run_info()
     with tempfile.TemporaryDirectory() as tmp:
         args.model = train_step.model_folder(args, tmp)
         info["rows"] = compare(args)
