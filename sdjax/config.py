@@ -141,6 +141,8 @@ class TrainConfig:
     validation_guidance_scale: float = 7.5
     validation_scheduler: Optional[str] = None
     # JAX specifics
+    fsdp: Optional[int] = None              # devices an fsdp group splits the state over
+    sharding: Optional[str] = None          # replicated | zero1 | zero3 (sdjax.train.state)
     attention_implementation: Optional[str] = "xla"
     remat_policy: str = "nothing_saveable"
     coordinator_address: Optional[str] = None
@@ -161,6 +163,13 @@ class TrainConfig:
         keeps frozen models in the weight dtype)."""
         return {"bf16": "bfloat16", "fp32": "float32"}.get(self.frozen_dtype,
                                                             self.compute_dtype_name)
+
+    @property
+    def sharding_strategy(self) -> str:
+        """--sharding, else zero3 when --fsdp splits the state, else replicated."""
+        if self.sharding:
+            return self.sharding
+        return "zero3" if (self.fsdp or 1) > 1 else "replicated"
 
     @property
     def trained_components(self) -> list:
@@ -232,6 +241,15 @@ class TrainConfig:
             problems.append("--checkpoints_total_limit must be at least 1")
         if self.lr_scheduler not in LR_SCHEDULERS:
             problems.append(f"--lr_scheduler={self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
+        from sdjax.train.state import SHARDINGS
+
+        if self.sharding not in (None,) + SHARDINGS:
+            problems.append(f"--sharding={self.sharding!r}: choose one of {', '.join(SHARDINGS)}")
+        elif self.fsdp is not None and self.fsdp < 1:
+            problems.append("--fsdp must be at least 1")
+        elif self.sharding == "replicated" and (self.fsdp or 1) > 1:
+            problems.append(f"--sharding replicated keeps everything on every device: drop "
+                            f"--fsdp {self.fsdp} (or choose zero1 or zero3)")
         if self.frozen_dtype not in (None, "bf16", "fp32"):
             problems.append(f"--frozen_dtype={self.frozen_dtype!r}: choose bf16 or fp32")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:

@@ -1,8 +1,12 @@
-"""Devices and hosts: multi-host start-up, the data-parallel mesh, and global batches.
+"""Devices and hosts: multi-host start-up, the device mesh, and global batches.
 
-The model is pmap's: parameters replicated on every device of every host, the batch split over
-all devices along the mesh axis "data", gradients averaged. It is written as `jax.jit` over a
-`Mesh` with `NamedSharding`s; each host passes only its own rows of the batch.
+The mesh has two axes, "data" and "fsdp" (devices.reshape(-1, fsdp), so an fsdp group is
+consecutive devices: one host's when fsdp is at most its device count). The batch is split over
+every device (both axes); gradients are averaged. With fsdp 1 this is pmap's model: everything
+replicated. With fsdp > 1 the train state's leaves may be split over the "fsdp" axis
+(`fsdp_sharding`; which leaves: sdjax.train.state), and XLA's partitioner inserts the gathers.
+It is all `jax.jit` over a `Mesh` with `NamedSharding`s; each host passes only its own rows of
+the batch.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from sdjax.errors import SdjaxError
 log = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
 
 
 def multi_process_environment(environ=None) -> Optional[str]:
@@ -171,18 +176,61 @@ def hosts_agree(value: str) -> bool:
     return bool((everyone == everyone[0]).all())
 
 
-def make_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(fsdp: int = 1) -> Mesh:
+    """The ("data", "fsdp") mesh of every device; `fsdp` must divide the device count."""
+    devices = np.asarray(jax.devices())
+    if fsdp < 1 or devices.size % fsdp:
+        raise SdjaxError(f"--fsdp {fsdp} does not divide the {devices.size} devices: give a "
+                         f"divisor of {devices.size}")
+    return Mesh(devices.reshape(-1, fsdp), (DATA_AXIS, FSDP_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def fsdp_size(mesh: Mesh) -> int:
+    return dict(mesh.shape).get(FSDP_AXIS, 1)
+
+
+def fsdp_sharding(mesh: Mesh, shape) -> NamedSharding:
+    """An array of `shape` split over the "fsdp" axis along its largest dimension that the
+    axis divides (replicated when none does, or when fsdp is 1)."""
+    n = fsdp_size(mesh)
+    if n > 1:
+        for dim in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+            if shape[dim] >= n and shape[dim] % n == 0:
+                spec = [None] * len(shape)
+                spec[dim] = FSDP_AXIS
+                return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+
 def batch_sharded(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
     """Sharding of a batch whose axis `leading_axes` is the sample axis (0, or 1 after the
-    micro-batch axis of gradient accumulation)."""
-    return NamedSharding(mesh, P(*([None] * leading_axes), DATA_AXIS))
+    micro-batch axis of gradient accumulation): split over every device of the mesh."""
+    return NamedSharding(mesh, P(*([None] * leading_axes), tuple(mesh.axis_names)))
+
+
+def host_copy(tree):
+    """Host numpy copies of global arrays, whole on every host: replicated ones from a local
+    shard, split ones gathered from every host."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree_util.tree_map(get, tree)
+
+
+def to_replicated(x: jax.Array, mesh: Mesh) -> jax.Array:
+    """A device array replicated over `mesh` (a gather when it is split, on every host)."""
+    sharding = replicated(mesh)
+    if x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+    return jax.jit(lambda a: a, out_shardings=sharding)(x)
 
 
 def global_batch(local: dict, mesh: Mesh, sample_axis: int = 0) -> dict:

@@ -173,8 +173,9 @@ class LoraOutput:
         from sdjax import storage
         from sdjax.train.state import trained_weights
 
-        adapters = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)),
-                                          trained_weights(state, self.use_ema))
+        from sdjax.parallel import host_copy
+
+        adapters = host_copy(trained_weights(state, self.use_ema))
         if not self.is_main:
             return []
         folder = self.folder(step)

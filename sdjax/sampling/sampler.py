@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import ConfigError
-from sdjax.parallel import batch_sharded, make_mesh, replicate, replicated, shard_batch
+from sdjax.parallel import (batch_sharded, make_mesh, replicate, replicated, shard_batch,
+                            to_replicated)
 from sdjax.sampling import prompts as prompt_text
 from sdjax.sampling.schedulers import default_scheduler_name, make_scheduler
 
@@ -102,12 +103,13 @@ class Sampler:
         repl = replicated(self.mesh)
 
         def put(x):
-            if isinstance(x, jax.Array):
-                if x.sharding.is_equivalent_to(repl, x.ndim):
-                    return x
-                if x.is_fully_addressable:
-                    return jax.device_put(x, repl)
-            return replicate(x, self.mesh)
+            if not isinstance(x, jax.Array):
+                return replicate(x, self.mesh)
+            if x.sharding.is_equivalent_to(repl, x.ndim):
+                return x
+            if x.is_fully_addressable:
+                return jax.device_put(x, repl)
+            return to_replicated(x, self.mesh)  # split over several hosts (fsdp): gathered
 
         return jax.tree_util.tree_map(put, params)
 

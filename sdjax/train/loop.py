@@ -16,12 +16,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from sdjax import __version__
 from sdjax.config import TrainConfig, config_to_dict
 from sdjax.errors import ConfigError
-from sdjax.parallel import make_mesh, sync_hosts
+from sdjax.parallel import host_copy, make_mesh, sync_hosts
 from sdjax.train.checkpoint import RunCheckpoints
 from sdjax.train.inputs import open_inputs
 from sdjax.train.metrics import MetricsWriter
 from sdjax.train.preemption import Preemption
-from sdjax.train.setup import base_model_spec, start_run
+from sdjax.train.setup import base_model_spec, run_mesh, start_run
 from sdjax.train.steps import StepLoop
 from sdjax.train.trainer import build_trainer
 
@@ -30,7 +30,7 @@ log = logging.getLogger("sdjax")
 
 def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     is_main = start_run(cfg, notes)
-    mesh = make_mesh()
+    mesh = run_mesh(cfg)
     inputs = open_inputs(cfg, is_main, mesh, use_cache=cfg.cache_latents)
     loader = inputs.loader
     max_steps = _total_steps(cfg, loader)
@@ -85,11 +85,6 @@ def build_cache(cfg: TrainConfig, notes: Optional[list] = None) -> str:
         raise ConfigError(f"the latent cache is for text_to_image runs, not {cfg.task}")
     open_inputs(cfg, is_main, make_mesh(), use_cache=True)
     return cache_directory(cfg)
-
-
-def host_copy(tree):
-    """Host numpy copy of a replicated tree (works on multi-host arrays too)."""
-    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
 def _total_steps(cfg: TrainConfig, loader) -> int:
@@ -148,8 +143,13 @@ def _resume(cfg: TrainConfig, trainer, checkpoints, loader, is_main: bool) -> tu
 def _print_summary(cfg: TrainConfig, inputs, trainer, start_step: int, max_steps: int) -> None:
     devices, rows = jax.device_count(), cfg.train_batch_size * jax.device_count()
     k = cfg.gradient_accumulation_steps
+    from sdjax.parallel import fsdp_size
+
+    fsdp = fsdp_size(trainer._mesh)
+    layout = (f"state {cfg.sharding_strategy} over fsdp groups of {fsdp}" if fsdp > 1
+              else "state replicated")
     print(f"sdjax {__version__}: {jax.process_count()} host(s), {devices} device(s) "
-          f"({jax.devices()[0].platform}); per-device batch {cfg.train_batch_size}, "
+          f"({jax.devices()[0].platform}), {layout}; per-device batch {cfg.train_batch_size}, "
           f"global batch {rows}, accumulation {k}, effective batch {rows * k}")
     trained = " + ".join(cfg.trained_components)
     if trainer.lora is not None:

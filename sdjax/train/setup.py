@@ -40,6 +40,16 @@ def start_run(cfg: TrainConfig, notes: Optional[list]) -> bool:
     return is_main
 
 
+def run_mesh(cfg: TrainConfig):
+    """The run's ("data", "fsdp") mesh: --fsdp devices per group, or each host's devices when
+    --sharding splits the state without a size."""
+    from sdjax.parallel import make_mesh
+
+    strategy = cfg.sharding_strategy
+    fsdp = cfg.fsdp or (jax.local_device_count() if strategy != "replicated" else 1)
+    return make_mesh(fsdp)
+
+
 def base_model_spec(cfg: TrainConfig) -> dict:
     """Where the frozen base came from, recorded in every checkpoint (`sdjax.pipeline.load_base`
     loads it back for export, generate and compare)."""

@@ -8,8 +8,9 @@ frozen and passed to the step separately, never donated. The step's loss sees th
 full fine-tuning, text-encoder training and DreamBooth differ only in what is in `params` and
 in the data, never in the step's code.
 
-Every leaf's device placement comes from `state_shardings` / `frozen_shardings` (today: all
-replicated, the pmap model on a mesh); a sharded layout changes these two functions only.
+Every leaf's device placement comes from `state_shardings` / `frozen_shardings`: replicated (the
+pmap model on a mesh), or split over the mesh's "fsdp" axis (ZeRO-1: moments and EMA; ZeRO-3:
+weights too). The step's code is the same for all; XLA's partitioner inserts the gathers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from sdjax.parallel import replicated
+from sdjax.parallel import fsdp_sharding, replicated
 
 
 @flax.struct.dataclass
@@ -59,14 +60,34 @@ def adapter_variables(frozen: dict, trainable: dict) -> dict:
             for c, p in frozen.items()}
 
 
-def state_shardings(mesh: Mesh, abstract_state):
+# How the train state is laid out over the mesh's "fsdp" axis (sdjax.parallel.fsdp_sharding):
+#   replicated  every leaf on every device (pmap's model; fsdp 1)
+#   zero1       optimizer moments and EMA split, the trained weights replicated
+#   zero3       trained weights, moments, EMA (and so gradients) and the frozen weights split
+SHARDINGS = ("replicated", "zero1", "zero3")
+
+
+def _split(mesh: Mesh, tree):
+    return jax.tree_util.tree_map(lambda x: fsdp_sharding(mesh, x.shape), tree)
+
+
+def _replicated(mesh: Mesh, tree):
+    return jax.tree_util.tree_map(lambda _: replicated(mesh), tree)
+
+
+def state_shardings(mesh: Mesh, abstract_state: TrainState, strategy: str = "zero3"):
     """The sharding of every leaf of the train state (its shapes: `jax.eval_shape` of
-    `init_state`)."""
-    return jax.tree_util.tree_map(lambda _: replicated(mesh), abstract_state)
+    `init_state`) under `strategy` (SHARDINGS); with fsdp 1 every strategy is replicated."""
+    params = (_split if strategy == "zero3" else _replicated)(mesh, abstract_state.params)
+    moments = _replicated if strategy == "replicated" else _split
+    return TrainState(step=replicated(mesh), params=params,
+                      opt_state=moments(mesh, abstract_state.opt_state),
+                      ema=None if abstract_state.ema is None else moments(mesh, abstract_state.ema))
 
 
-def frozen_shardings(mesh: Mesh, frozen):
-    return jax.tree_util.tree_map(lambda _: replicated(mesh), frozen)
+def frozen_shardings(mesh: Mesh, frozen, strategy: str = "zero3"):
+    """The frozen weights: split like the trained ones under zero3, else replicated."""
+    return (_split if strategy == "zero3" else _replicated)(mesh, frozen)
 
 
 def place(tree, shardings):

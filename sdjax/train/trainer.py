@@ -34,6 +34,7 @@ class Trainer:
     _use_ema: bool
     _extra: Optional[dict] = None   # frozen weights placed for sampling only
     lora: Optional[object] = None   # sdjax.lora.training.LoraRun of a LoRA run
+    _strategy: str = "replicated"   # how the state is split over fsdp (sdjax.train.state)
     _merge: Optional[Callable] = None
 
     def abstract_state(self):
@@ -49,7 +50,7 @@ class Trainer:
         if missing and self._extra is None:
             dtype = self.models["unet"].dtype
             host = {c: _cast(self._sd.params[c], dtype) for c in missing}
-            self._extra = place(host, frozen_shardings(self._mesh, host))
+            self._extra = place(host, frozen_shardings(self._mesh, host, self._strategy))
         base = {**self.frozen, **(self._extra or {})}
         if self.lora is None:
             return {**base, **trained}
@@ -112,12 +113,13 @@ def build_trainer(cfg: TrainConfig, sd, loader, mesh, max_steps: int) -> Trainer
     if loader.supplies_text_embeddings and "text_encoder" not in trainable:
         frozen.pop("text_encoder", None)
     frozen = _cast(frozen, jnp.dtype(cfg.frozen_dtype_name))
-    frozen_sharding = frozen_shardings(mesh, frozen)
+    strategy = cfg.sharding_strategy
+    frozen_sharding = frozen_shardings(mesh, frozen, strategy)
     frozen = place(frozen, frozen_sharding)
 
     use_ema = cfg.use_ema
     abstract = jax.eval_shape(lambda p: init_state(p, tx, use_ema), trainable)
-    shardings = state_shardings(mesh, abstract)
+    shardings = state_shardings(mesh, abstract, strategy)
     state = jax.jit(lambda p: init_state(p, tx, use_ema), out_shardings=shardings)(
         place(trainable, shardings.params))
     key = jax.random.key(cfg.run_seed)
@@ -126,4 +128,5 @@ def build_trainer(cfg: TrainConfig, sd, loader, mesh, max_steps: int) -> Trainer
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
     layout = state_layout(cfg.trained_components, cfg.use_ema,
                           lora.layout if lora is not None else None)
-    return Trainer(models, schedule, state, frozen, step_fn, layout, sd, mesh, use_ema, lora=lora)
+    return Trainer(models, schedule, state, frozen, step_fn, layout, sd, mesh, use_ema, lora=lora,
+                   _strategy=strategy)
