@@ -141,6 +141,8 @@ class TrainConfig:
     validation_guidance_scale: float = 7.5
     validation_scheduler: Optional[str] = None
     # JAX specifics
+    compile_only: bool = False              # compile the step, report memory and FLOPs, stop
+    topology: Optional[str] = None          # a TPU slice to compile for (v5e-8, v5e:2x4, ...)
     fsdp: Optional[int] = None              # devices an fsdp group splits the state over
     sharding: Optional[str] = None          # replicated | zero1 | zero3 (sdjax.train.state)
     attention_implementation: Optional[str] = "xla"
@@ -250,6 +252,9 @@ class TrainConfig:
         elif self.sharding == "replicated" and (self.fsdp or 1) > 1:
             problems.append(f"--sharding replicated keeps everything on every device: drop "
                             f"--fsdp {self.fsdp} (or choose zero1 or zero3)")
+        if self.topology and not self.compile_only:
+            problems.append("--topology compiles for a TPU slice you are not on: add "
+                            "--compile_only")
         if self.frozen_dtype not in (None, "bf16", "fp32"):
             problems.append(f"--frozen_dtype={self.frozen_dtype!r}: choose bf16 or fp32")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:

@@ -317,6 +317,15 @@ class StableDiffusion:
         tokenizer = cls._read_tokenizer(folder, required=False)
         return cls(modules, params, configs, tokenizer, scheduler_config, source=folder)
 
+    @classmethod
+    def from_configs(cls, configs: Mapping[str, dict], scheduler_config: Mapping[str, Any],
+                     dtype=None) -> "StableDiffusion":
+        """The models of raw config dicts with parameter shapes only (for counts and ahead-of-
+        time compiles, e.g. of a single file's architecture)."""
+        modules = build_models(configs, dtype)
+        params = {c: param_shapes(m, c) for c, m in modules.items()}
+        return cls(modules, params, configs, None, dict(scheduler_config))
+
     # --- sampling ----------------------------------------------------------------------------
 
     def sampler(self):

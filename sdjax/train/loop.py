@@ -29,6 +29,12 @@ log = logging.getLogger("sdjax")
 
 
 def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
+    if cfg.compile_only:  # will it fit? (no weights, no data, no training)
+        from sdjax.train.fit import compile_check
+
+        start_run(cfg, notes)
+        compile_check(cfg)
+        return cfg.output_dir
     is_main = start_run(cfg, notes)
     mesh = run_mesh(cfg)
     inputs = open_inputs(cfg, is_main, mesh, use_cache=cfg.cache_latents)

@@ -62,7 +62,13 @@ class Trainer:
 
 
 def _cast(tree, dtype):
-    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
+    """Host arrays in `dtype`; shapes-only leaves (ShapeDtypeStructs) stay shapes."""
+    def cast(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype)
+        return np.asarray(x).astype(dtype)
+
+    return jax.tree_util.tree_map(cast, tree)
 
 
 def learning_rates(cfg: TrainConfig, max_steps: int, devices: int) -> dict:
@@ -76,11 +82,32 @@ def learning_rates(cfg: TrainConfig, max_steps: int, devices: int) -> dict:
                                       max_steps) for c, peak in peaks.items()}
 
 
-def build_trainer(cfg: TrainConfig, sd, loader, mesh, max_steps: int) -> Trainer:
+@dataclasses.dataclass
+class StepProgram:
+    """The jitted step of a run and what it takes: built from the model's parameter trees,
+    which may be shapes only (`sdjax.train.fit` compiles it for a TPU topology this way)."""
+    models: dict
+    schedule: NoiseSchedule
+    tx: object
+    trainable: dict             # host arrays (adapters, or the trained models' weights)
+    frozen: dict                # host arrays or ShapeDtypeStructs, in the frozen dtype
+    shardings: TrainState       # of every state leaf
+    frozen_sharding: dict
+    abstract_state: TrainState
+    step_fn: Callable
+    layout: dict
+    lora: Optional[object]
+    strategy: str
+
+
+def step_program(cfg: TrainConfig, sd, mesh, max_steps: int, cached_latents: bool,
+                 text_embeddings: bool) -> StepProgram:
+    """The step for this run on `mesh`. `cached_latents` / `text_embeddings`: the batch
+    brings VAE latents (no VAE on the devices) / text embeddings (no frozen text encoder)."""
     from sdjax.pipeline import build_models
 
     dtype = jnp.dtype(cfg.compute_dtype_name)
-    schedules = learning_rates(cfg, max_steps, jax.device_count())
+    schedules = learning_rates(cfg, max_steps, mesh.devices.size)
     tx = make_optimizer(schedules, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2,
                         eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay,
                         max_grad_norm=cfg.max_grad_norm)
@@ -105,28 +132,39 @@ def build_trainer(cfg: TrainConfig, sd, loader, mesh, max_steps: int) -> Trainer
         return {("lr" if c == "unet" else f"lr_{c}"): s(step) for c, s in schedules.items()}
 
     base_step = make_train_step(loss_fn, tx, metrics_lr)
-
     # What the batch brings instead: cached latents (no VAE), cached or pre-computed text
     # embeddings (no text encoder).
-    if loader.cache is not None:
+    if cached_latents:
         frozen.pop("vae", None)
-    if loader.supplies_text_embeddings and "text_encoder" not in trainable:
+    if text_embeddings and "text_encoder" not in trainable:
         frozen.pop("text_encoder", None)
     frozen = _cast(frozen, jnp.dtype(cfg.frozen_dtype_name))
     strategy = cfg.sharding_strategy
     frozen_sharding = frozen_shardings(mesh, frozen, strategy)
-    frozen = place(frozen, frozen_sharding)
-
     use_ema = cfg.use_ema
-    abstract = jax.eval_shape(lambda p: init_state(p, tx, use_ema), trainable)
+    abstract = jax.eval_shape(lambda p: init_state(p, tx, use_ema), _shapes(trainable))
     shardings = state_shardings(mesh, abstract, strategy)
-    state = jax.jit(lambda p: init_state(p, tx, use_ema), out_shardings=shardings)(
-        place(trainable, shardings.params))
     key = jax.random.key(cfg.run_seed)
     step_fn = jax.jit(lambda s, f, b: base_step(s, f, b, key),
                       in_shardings=(shardings, frozen_sharding, batch_sharded(mesh, 1)),
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
     layout = state_layout(cfg.trained_components, cfg.use_ema,
                           lora.layout if lora is not None else None)
-    return Trainer(models, schedule, state, frozen, step_fn, layout, sd, mesh, use_ema, lora=lora,
-                   _strategy=strategy)
+    return StepProgram(models, schedule, tx, trainable, frozen, shardings, frozen_sharding,
+                       abstract, step_fn, layout, lora, strategy)
+
+
+def _shapes(tree):
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def build_trainer(cfg: TrainConfig, sd, loader, mesh, max_steps: int) -> Trainer:
+    program = step_program(cfg, sd, mesh, max_steps, loader.cache is not None,
+                           loader.supplies_text_embeddings)
+    frozen = place(program.frozen, program.frozen_sharding)
+    tx, use_ema = program.tx, cfg.use_ema
+    state = jax.jit(lambda p: init_state(p, tx, use_ema), out_shardings=program.shardings)(
+        place(program.trainable, program.shardings.params))
+    return Trainer(program.models, program.schedule, state, frozen, program.step_fn,
+                   program.layout, sd, mesh, use_ema, lora=program.lora,
+                   _strategy=program.strategy)

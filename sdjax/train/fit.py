@@ -1,0 +1,226 @@
+"""Will it fit? The run's train step compiled ahead of time for a TPU slice (or the local
+devices), and the memory and FLOPs of the compiled program.
+
+    python train_flax.py <the run's flags> --compile_only --topology v5e-8
+
+With libtpu installed (`pip install -r requirements_tpu.txt`), JAX compiles for a TPU topology
+on any machine, a CPU-only one included (`jax.experimental.topologies`); the compiled program's
+`memory_analysis()` and `cost_analysis()` are what the chip will see. Nothing is read but the
+model's configs: no weights, no data. The result is `output_dir/compile_report.json` and one
+summary line. Without --fsdp/--sharding the check tries replicated first and then the state split
+over every device of the slice (ZeRO-1, then ZeRO-3), and reports the first that fits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from sdjax import storage
+from sdjax.errors import ConfigError
+
+GIB = 2 ** 30
+# GCP accelerator-type names -> JAX topology names (a slice of one host unless stated).
+TOPOLOGY_ALIASES = {
+    "v2-8": "v2:2x2", "v3-8": "v3:2x2", "v4-8": "v4:2x2x1", "v5p-8": "v5p:2x2x1",
+    "v5e-1": "v5e:1x1", "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5litepod-1": "v5e:1x1",
+    "v5litepod-4": "v5e:2x2", "v5litepod-8": "v5e:2x4", "v6e-1": "v6e:1x1", "v6e-4": "v6e:2x2",
+    "v6e-8": "v6e:2x4"}
+# HBM per JAX device by device_kind (a v2/v3 device is one core; v4/v5p: one megacore chip).
+HBM_BYTES = {"TPU v2": 8 * GIB, "TPU v3": 16 * GIB, "TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB,
+             "TPU v5": 95 * GIB, "TPU v5p": 95 * GIB, "TPU v6 lite": 32 * GIB}
+
+
+def topology_devices(name: str) -> tuple:
+    """(JAX topology name, its devices) of `--topology` (v5e:2x4 or v5e-8 style)."""
+    from jax.experimental import topologies
+
+    topology = TOPOLOGY_ALIASES.get(name, name)
+    try:
+        described = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:  # JAX's (no libtpu) or libtpu's own (a name it does not know)
+        if "TPU support not installed" in str(e):
+            raise ConfigError("--topology needs libtpu to compile for a TPU: `pip install -r "
+                              "requirements_tpu.txt` (it runs on a CPU-only machine)") from None
+        raise ConfigError(f"--topology {name} is not a TPU topology JAX knows (e.g. v5e:2x4, "
+                          f"v5e-8, v2-8, v4:2x2x1): {str(e).splitlines()[0][:160]}") from None
+    return topology, list(described.devices)
+
+
+def device_memory(device) -> Optional[int]:
+    """Bytes of memory one device has: the TPU table, or what the local runtime reports."""
+    if device.device_kind in HBM_BYTES:
+        return HBM_BYTES[device.device_kind]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # topology devices and CPUs have no runtime stats
+        stats = {}
+    return stats.get("bytes_limit")
+
+
+def shapes_pipeline(cfg):
+    """The run's base model as parameter shapes only (configs read; no weights loaded)."""
+    from sdjax.pipeline import SHIPPED_CONFIGS, StableDiffusion
+
+    name = cfg.pretrained_model_name_or_path
+    if os.path.isdir(name) or os.path.isdir(os.path.join(SHIPPED_CONFIGS, name)):
+        return StableDiffusion.from_config(name, init_params=False)
+    from sdjax.model_files import is_single_file, open_model
+
+    if is_single_file(name):
+        files = open_model(name, original_config=cfg.original_config)
+        return StableDiffusion.from_configs(files.configs, files.scheduler_config)
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(name, revision=cfg.revision, allow_patterns=[
+        "model_index.json", "*/config.json", "scheduler/*"])
+    return StableDiffusion.from_config(folder, init_params=False)
+
+
+def abstract_batch(cfg, sd, mesh: Mesh) -> dict:
+    """The shapes of one step's global batch (k micro-batches of every device's rows)."""
+    from sdjax.parallel import batch_sharded
+
+    sharding = batch_sharded(mesh, 1)
+    k = cfg.gradient_accumulation_steps
+    rows = cfg.train_batch_size * mesh.devices.size * (2 if cfg.prior_preservation else 1)
+    res = cfg.resolution
+    dtype = jnp.dtype(cfg.compute_dtype_name)
+    batch = {}
+    if cfg.cache_latents:
+        channels = sd.configs["vae"].get("latent_channels", 4)
+        shape = (k, rows, channels, res // 8, res // 8)
+        batch["latent_mean"] = batch["latent_std"] = jax.ShapeDtypeStruct(shape, dtype,
+                                                                           sharding=sharding)
+    else:
+        batch["pixel_values"] = jax.ShapeDtypeStruct((k, rows, 3, res, res), jnp.float32,
+                                                     sharding=sharding)
+    width = sd.configs["text_encoder"]["hidden_size"]
+    length = sd.configs["text_encoder"].get("max_position_embeddings", 77)
+    if text_embeddings_in_batch(cfg):
+        batch["text_embeddings"] = jax.ShapeDtypeStruct((k, rows, length, width), dtype,
+                                                        sharding=sharding)
+    else:
+        batch["input_ids"] = jax.ShapeDtypeStruct((k, rows, length), jnp.int32,
+                                                  sharding=sharding)
+    if cfg.prior_preservation:
+        batch["prior_mask"] = jax.ShapeDtypeStruct((k, rows), jnp.float32, sharding=sharding)
+    return batch
+
+
+def text_embeddings_in_batch(cfg) -> bool:
+    return not cfg.train_text_encoder and (cfg.cache_latents or cfg.pre_compute_text_embeddings)
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def compile_step(cfg, sd, devices: list, strategy: str, fsdp: int) -> dict:
+    """Compiles the run's step for `devices` with the state laid out by `strategy` over fsdp
+    groups of `fsdp`; -> the per-device bytes, FLOPs and compile time."""
+    import dataclasses
+
+    from sdjax.parallel import DATA_AXIS, FSDP_AXIS
+    from sdjax.train.trainer import step_program
+
+    if len(devices) % fsdp:
+        raise ConfigError(f"--fsdp {fsdp} does not divide the {len(devices)} devices")
+    mesh = Mesh(np.asarray(devices).reshape(-1, fsdp), (DATA_AXIS, FSDP_AXIS))
+    run = dataclasses.replace(cfg, sharding=strategy, fsdp=fsdp)
+    program = step_program(run, sd, mesh, run.max_train_steps or 1000, cfg.cache_latents,
+                           text_embeddings_in_batch(cfg))
+    state = _with_shardings(program.abstract_state, program.shardings)
+    frozen = _with_shardings(program.frozen, program.frozen_sharding)
+    batch = abstract_batch(run, sd, mesh)
+    t0 = time.perf_counter()
+    compiled = program.step_fn.lower(state, frozen, batch).compile()
+    seconds = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else (cost or {})
+    per_device = {"arguments": int(memory.argument_size_in_bytes),
+                  "temporaries": int(memory.temp_size_in_bytes),
+                  "outputs": int(memory.output_size_in_bytes),
+                  "aliased": int(memory.alias_size_in_bytes)}
+    per_device["peak"] = (per_device["arguments"] + per_device["outputs"]
+                          - per_device["aliased"] + per_device["temporaries"])
+    images = next(iter(batch.values())).shape[1] * cfg.gradient_accumulation_steps
+    flops = float(cost.get("flops", 0.0)) * len(devices)  # the per-device program's, all devices
+    return {"per_device_bytes": per_device, "flops_per_step": flops,
+            "flops_per_image": flops / images if images else None,
+            "images_per_step": images, "compile_seconds": round(seconds, 1),
+            "sharding": {"strategy": strategy if fsdp > 1 else "replicated", "fsdp": fsdp,
+                         "data": len(devices) // fsdp}}
+
+
+def candidate_layouts(cfg, devices: int) -> list:
+    """(strategy, fsdp) to try in order: the run's own, or replicated, then split over every
+    device (ZeRO-1, then ZeRO-3)."""
+    if cfg.fsdp or cfg.sharding:
+        fsdp = cfg.fsdp or devices
+        return [(cfg.sharding_strategy if fsdp > 1 else "replicated", fsdp)]
+    layouts = [("replicated", 1)]
+    if devices > 1:
+        layouts += [("zero1", devices), ("zero3", devices)]
+    return layouts
+
+
+def choose_layout(layouts: list, compile_one, hbm: Optional[int]) -> tuple:
+    """Compiles the layouts in order until one fits `hbm` bytes (every one when hbm is
+    unknown: the first). -> (the chosen result, the results tried)."""
+    tried = []
+    for strategy, fsdp in layouts:
+        result = compile_one(strategy, fsdp)
+        result["fits"] = None if hbm is None else result["per_device_bytes"]["peak"] <= hbm
+        tried.append(result)
+        if result["fits"] is not False:
+            return result, tried
+    return tried[-1], tried
+
+
+def compile_check(cfg) -> dict:
+    """The `--compile_only` run: compiles, writes compile_report.json, prints one line."""
+    if cfg.topology:
+        topology, devices = topology_devices(cfg.topology)
+    else:
+        topology, devices = None, jax.devices()
+    sd = shapes_pipeline(cfg)
+    hbm = device_memory(devices[0])
+    chosen, tried = choose_layout(candidate_layouts(cfg, len(devices)),
+                                  lambda s, f: compile_step(cfg, sd, devices, s, f), hbm)
+    report = {"topology": topology or "local", "device_kind": devices[0].device_kind,
+              "devices": len(devices), "hbm_bytes_per_device": hbm, **chosen,
+              "tried": [{"sharding": t["sharding"], "peak": t["per_device_bytes"]["peak"],
+                         "fits": t["fits"]} for t in tried]}
+    path = storage.join(cfg.output_dir, "compile_report.json")
+    if jax.process_index() == 0:
+        storage.makedirs(cfg.output_dir)
+        storage.write_text(path, json.dumps(report, indent=2) + "\n")
+        print(summary_line(report, path))
+    return report
+
+
+def summary_line(report: dict, path: str) -> str:
+    b = report["per_device_bytes"]
+    layout = report["sharding"]
+    how = ("replicated" if layout["strategy"] == "replicated"
+           else f"{layout['strategy']} over fsdp groups of {layout['fsdp']}")
+    hbm = report["hbm_bytes_per_device"]
+    verdict = ("memory unknown" if report["fits"] is None else
+               f"{'fits' if report['fits'] else 'does NOT fit'} in {hbm / GIB:.1f} GiB")
+    flops = (f"; {report['flops_per_image'] / 1e12:.2f} TFLOP per image, "
+             f"{report['flops_per_step'] / 1e12:.2f} per step" if report["flops_per_image"] else "")
+    return (f"compile check, {report['topology']} ({report['devices']} x "
+            f"{report['device_kind']}), state {how}: peak {b['peak'] / GIB:.2f} GiB per device "
+            f"(arguments {b['arguments'] / GIB:.2f}, temporaries {b['temporaries'] / GIB:.2f}, "
+            f"outputs {b['outputs'] / GIB:.2f}, aliased {b['aliased'] / GIB:.2f}): {verdict}"
+            f"{flops} -> {path}")

@@ -1,0 +1,94 @@
+"""The ahead-of-time fit check (`--compile_only`, `--topology`): the tiny model's real train step
+compiled for TPU slices on this CPU machine (libtpu from requirements_tpu.txt), the report's
+keys and arithmetic, the layout search, and bad topology names."""
+
+import json
+
+import pytest
+
+from sdjax.train.fit import choose_layout, summary_line
+from tests.conftest import DEMO_DATA
+from tests.test_dreambooth import run_cli
+
+KEYS = {"topology", "device_kind", "devices", "hbm_bytes_per_device", "per_device_bytes",
+        "fits", "flops_per_step", "flops_per_image", "sharding"}
+
+
+def check(tmp_path, *flags):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli([
+        "text_to_image", "--pretrained_model_name_or_path=tiny", f"--train_data_dir={DEMO_DATA}",
+        f"--output_dir={out}", "--resolution=64", "--train_batch_size=2", "--use_ema",
+        "--mixed_precision=bf16", "--gradient_checkpointing", "--compile_only", *flags])
+    assert code == 0, stderr
+    return json.loads((out / "compile_report.json").read_text()), stdout, out
+
+
+@pytest.mark.parametrize("topology, kind, devices, hbm_gib", [
+    ("v5e-8", "TPU v5 lite", 8, 16), ("v2:2x2", "TPU v2", 8, 8)])
+def test_compile_for_a_tpu_slice(topology, kind, devices, hbm_gib, tmp_path):
+    report, stdout, out = check(tmp_path, f"--topology={topology}", "--fsdp=4")
+    assert KEYS <= set(report)
+    assert (report["device_kind"], report["devices"]) == (kind, devices)
+    assert report["hbm_bytes_per_device"] == hbm_gib * 2**30
+    b = report["per_device_bytes"]
+    assert b["peak"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"]
+    assert 0 < b["peak"] < 2**30 and report["fits"] is True
+    assert report["sharding"] == {"strategy": "zero3", "fsdp": 4, "data": 2}
+    # 2 images per device x 8 devices; the tiny UNet's step is tens of MFLOP per image.
+    assert report["flops_per_step"] == pytest.approx(report["flops_per_image"] * 16)
+    assert 1e6 < report["flops_per_image"] < 1e10
+    assert "state zero3 over fsdp groups of 4" in stdout and "fits in " in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["compile_report.json"]  # nothing else
+
+
+def test_compile_for_the_local_devices_replicated_first(tmp_path):
+    """Without --topology: the 4 local CPU devices (memory unknown), replicated."""
+    report, stdout, _ = check(tmp_path)
+    assert report["topology"] == "local" and report["devices"] == 4
+    assert report["fits"] is None and report["sharding"]["strategy"] == "replicated"
+    assert "memory unknown" in stdout
+
+
+def test_layout_search_takes_the_first_that_fits():
+    peaks = {("replicated", 1): 20, ("zero1", 8): 14, ("zero3", 8): 9}
+
+    def compile_one(strategy, fsdp):
+        return {"per_device_bytes": {"peak": peaks[(strategy, fsdp)]},
+                "sharding": {"strategy": strategy, "fsdp": fsdp}}
+
+    layouts = list(peaks)
+    chosen, tried = choose_layout(layouts, compile_one, hbm=16)
+    assert chosen["sharding"]["strategy"] == "zero1" and len(tried) == 2
+    chosen, tried = choose_layout(layouts, compile_one, hbm=8)  # nothing fits: the last, said
+    assert chosen["sharding"]["strategy"] == "zero3" and chosen["fits"] is False
+    report = dict(chosen, topology="v5e:2x4", devices=8, device_kind="TPU v5 lite",
+                  hbm_bytes_per_device=8, flops_per_image=None,
+                  per_device_bytes={"peak": 9, "arguments": 1, "temporaries": 8, "outputs": 1,
+                                    "aliased": 1})
+    assert "does NOT fit" in summary_line(report, "x.json")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--topology=v9z-8", "--compile_only"], "--topology v9z-8 is not a TPU topology"),
+    (["--topology=v5e-8"], "--topology compiles for a TPU slice you are not on: add --compile_only"),
+])
+def test_bad_topology(flags, message, tmp_path):
+    code, _, stderr = run_cli(["text_to_image", "--pretrained_model_name_or_path=tiny",
+                               f"--train_data_dir={DEMO_DATA}", f"--output_dir={tmp_path}/o",
+                               *flags])
+    assert code == 2 and message in stderr, stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_libtpu_the_message_says_what_to_install(monkeypatch, tmp_path):
+    from jax.experimental import topologies
+
+    def missing(**_):
+        raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology.")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", missing)
+    code, _, stderr = run_cli(["text_to_image", "--pretrained_model_name_or_path=tiny",
+                               f"--train_data_dir={DEMO_DATA}", f"--output_dir={tmp_path}/o",
+                               "--compile_only", "--topology=v5e-8"])
+    assert code == 2 and "pip install -r requirements_tpu.txt" in stderr
