@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-from importlib.metadata import version
 
 import numpy as np
 import pytest
@@ -31,10 +30,6 @@ def _args(out):
             "--max_train_steps=3", "--checkpointing_steps=2", "--seed=5", f"--output_dir={out}",
             "--validation_prompts", "a red cube", "a blue ball", "--num_validation_images=1",
             "--validation_num_inference_steps=2"]
-
-
-def _jax_version() -> tuple:
-    return tuple(int(part) for part in version("jax").split(".")[:2])
 
 
 def _env(devices):

@@ -142,7 +142,16 @@ def compile_step(cfg, sd, devices: list, strategy: str, fsdp: int) -> dict:
     frozen = _with_shardings(program.frozen, program.frozen_sharding)
     batch = abstract_batch(run, sd, mesh)
     t0 = time.perf_counter()
-    compiled = program.step_fn.lower(state, frozen, batch).compile()
+    layout = {"strategy": strategy if fsdp > 1 else "replicated", "fsdp": fsdp,
+              "data": len(devices) // fsdp}
+    try:
+        compiled = program.step_fn.lower(state, frozen, batch).compile()
+    except Exception as e:  # the TPU compiler refuses a program that cannot fit its HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {"per_device_bytes": None, "fits": False, "sharding": layout,
+                "compiler": " ".join(str(e).split())[:300],
+                "compile_seconds": round(time.perf_counter() - t0, 1)}
     seconds = time.perf_counter() - t0
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -158,8 +167,7 @@ def compile_step(cfg, sd, devices: list, strategy: str, fsdp: int) -> dict:
     return {"per_device_bytes": per_device, "flops_per_step": flops,
             "flops_per_image": flops / images if images else None,
             "images_per_step": images, "compile_seconds": round(seconds, 1),
-            "sharding": {"strategy": strategy if fsdp > 1 else "replicated", "fsdp": fsdp,
-                         "data": len(devices) // fsdp}}
+            "sharding": layout}
 
 
 def candidate_layouts(cfg, devices: int) -> list:
@@ -180,7 +188,8 @@ def choose_layout(layouts: list, compile_one, hbm: Optional[int]) -> tuple:
     tried = []
     for strategy, fsdp in layouts:
         result = compile_one(strategy, fsdp)
-        result["fits"] = None if hbm is None else result["per_device_bytes"]["peak"] <= hbm
+        if result.get("per_device_bytes") is not None:  # else: the compiler refused it (OOM)
+            result["fits"] = None if hbm is None else result["per_device_bytes"]["peak"] <= hbm
         tried.append(result)
         if result["fits"] is not False:
             return result, tried
@@ -199,8 +208,10 @@ def compile_check(cfg) -> dict:
                                   lambda s, f: compile_step(cfg, sd, devices, s, f), hbm)
     report = {"topology": topology or "local", "device_kind": devices[0].device_kind,
               "devices": len(devices), "hbm_bytes_per_device": hbm, **chosen,
-              "tried": [{"sharding": t["sharding"], "peak": t["per_device_bytes"]["peak"],
-                         "fits": t["fits"]} for t in tried]}
+              "tried": [{"sharding": t["sharding"], "fits": t["fits"],
+                         "peak": (t["per_device_bytes"] or {}).get("peak"),
+                         **({"compiler": t["compiler"]} if "compiler" in t else {})}
+                        for t in tried]}
     path = storage.join(cfg.output_dir, "compile_report.json")
     if jax.process_index() == 0:
         storage.makedirs(cfg.output_dir)
@@ -212,6 +223,10 @@ def compile_check(cfg) -> dict:
 def summary_line(report: dict, path: str) -> str:
     b = report["per_device_bytes"]
     layout = report["sharding"]
+    if b is None:  # no layout fits: the compiler's own words for the last one tried
+        return (f"compile check, {report['topology']} ({report['devices']} x "
+                f"{report['device_kind']}): does NOT fit with any layout tried; "
+                f"{report['compiler']} -> {path}")
     how = ("replicated" if layout["strategy"] == "replicated"
            else f"{layout['strategy']} over fsdp groups of {layout['fsdp']}")
     hbm = report["hbm_bytes_per_device"]
