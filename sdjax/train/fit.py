@@ -42,6 +42,9 @@ def topology_devices(name: str) -> tuple:
     """(JAX topology name, its devices) of `--topology` (v5e:2x4 or v5e-8 style)."""
     from jax.experimental import topologies
 
+    # Compiling for a topology uses no chip: let several such processes load libtpu at once
+    # (it otherwise holds /tmp/libtpu_lockfile for one process).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     topology = TOPOLOGY_ALIASES.get(name, name)
     try:
         described = topologies.get_topology_desc(platform="tpu", topology_name=topology)
