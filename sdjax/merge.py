@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from sdjax.errors import ConfigError, SdjaxError, WeightsError
+from sdjax.errors import ConfigError, WeightsError
 from sdjax.model_files import is_single_file, load_model, open_model
 from sdjax.pipeline import MODEL_COMPONENTS, build_models, param_shapes
 from sdjax.weights.convert import _shape_str, _torch_shape, read_param, torch_key

@@ -6,7 +6,6 @@ import gc
 import io
 import json
 import os
-import types
 
 import jax
 import numpy as np

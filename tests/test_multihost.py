@@ -215,7 +215,7 @@ def test_hosts_with_different_data_all_stop(tmp_path):
     errors = [err for _, err in _wait_all(procs, check=False)]
     for i, (p, err) in enumerate(zip(procs, errors)):
         assert p.returncode != 0, err[-2000:]
-        assert f"the hosts disagree about the latent cache" in err and f"process {i} has" in err
+        assert "the hosts disagree about the latent cache" in err and f"process {i} has" in err
     assert not (tmp_path / "o" / "latent_cache" / "manifest.json").exists()
 
 

@@ -11,11 +11,12 @@ adapter shapes and merge the trained adapters into the base.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Mapping, Optional
 
 import jax
 import numpy as np
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from sdjax.errors import ConfigError
 from sdjax.lora.adapters import AdaptedModel, adapter_structs, init_adapters, merge_adapters
@@ -114,8 +115,6 @@ def _resumed(cfg, shapes: Mapping, fresh: dict) -> dict:
             ratio = loaded.scales[component][path] / cfg.lora_scale
             flat[path + ("up",)] = np.asarray(flat[path + ("up",)], np.float32) * ratio
             flat[path + ("down",)] = np.asarray(flat[path + ("down",)], np.float32)
-        from flax.traverse_util import unflatten_dict
-
         out[component] = unflatten_dict(flat)
     return out
 
@@ -187,8 +186,6 @@ class LoraOutput:
 
     def _prune(self, kept: set) -> None:
         """Removes checkpoint-N/ LoRA folders of checkpoints Orbax no longer keeps."""
-        import re
-
         from sdjax import storage
 
         for name in storage.listdir(self.output_dir):

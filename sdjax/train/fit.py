@@ -13,6 +13,7 @@ over every device of the slice (ZeRO-1, then ZeRO-3), and reports the first that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,7 +22,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from sdjax import storage
 from sdjax.errors import ConfigError
@@ -130,8 +131,6 @@ def _with_shardings(tree, shardings):
 def compile_step(cfg, sd, devices: list, strategy: str, fsdp: int) -> dict:
     """Compiles the run's step for `devices` with the state laid out by `strategy` over fsdp
     groups of `fsdp`; -> the per-device bytes, FLOPs and compile time."""
-    import dataclasses
-
     from sdjax.parallel import DATA_AXIS, FSDP_AXIS
     from sdjax.train.trainer import step_program
 

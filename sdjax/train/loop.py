@@ -10,7 +10,6 @@ import math
 from typing import Optional
 
 import jax
-import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sdjax import __version__
