@@ -146,13 +146,26 @@ class TrainConfig:
     fsdp: Optional[int] = None              # devices an fsdp group splits the state over
     sharding: Optional[str] = None          # replicated | zero1 | zero3 (sdjax.train.state)
     attention_implementation: Optional[str] = "xla"
-    remat_policy: str = "nothing_saveable"
+    gradient_checkpointing_policy: Optional[str] = None  # implies --gradient_checkpointing
     coordinator_address: Optional[str] = None
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
     distributed_timeout: int = 300
 
     # ---------------------------------------------------------------------------------------
+
+    @property
+    def remat(self) -> bool:
+        """Whether the models' blocks are remat'd: --gradient_checkpointing, or a policy given."""
+        return self.gradient_checkpointing or self.gradient_checkpointing_policy is not None
+
+    @property
+    def remat_policy(self) -> str:
+        """JAX's name of the policy (sdjax.models.layers.REMAT_POLICIES); nothing_saveable unless
+        --gradient_checkpointing_policy says otherwise."""
+        from sdjax.models.layers import remat_policy_name
+
+        return remat_policy_name(self.gradient_checkpointing_policy or "nothing")
 
     @property
     def compute_dtype_name(self) -> str:
@@ -252,6 +265,11 @@ class TrainConfig:
         elif self.sharding == "replicated" and (self.fsdp or 1) > 1:
             problems.append(f"--sharding replicated keeps everything on every device: drop "
                             f"--fsdp {self.fsdp} (or choose zero1 or zero3)")
+        if self.gradient_checkpointing_policy is not None:
+            try:
+                self.remat_policy
+            except ConfigError as e:
+                problems.append(f"--gradient_checkpointing_policy: {e}")
         if self.topology and not self.compile_only:
             problems.append("--topology compiles for a TPU slice you are not on: add "
                             "--compile_only")

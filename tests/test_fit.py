@@ -35,6 +35,7 @@ def test_compile_for_a_tpu_slice(topology, kind, devices, hbm_gib, tmp_path):
     assert b["peak"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"]
     assert 0 < b["peak"] < 2**30 and report["fits"] is True
     assert report["sharding"] == {"strategy": "zero3", "fsdp": 4, "data": 2}
+    assert report["gradient_checkpointing"] == "nothing_saveable"
     # 2 images per device x 8 devices; the tiny UNet's step is tens of MFLOP per image.
     assert report["flops_per_step"] == pytest.approx(report["flops_per_image"] * 16)
     assert 1e6 < report["flops_per_image"] < 1e10

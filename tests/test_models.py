@@ -134,8 +134,43 @@ def test_text_encoder_gradient_checkpointing(sd2):
     assert "remat" in jaxpr or "checkpoint" in jaxpr
 
 
+@pytest.mark.parametrize("flags, policy", [
+    ([], None), (["--gradient_checkpointing"], "nothing_saveable"),
+    (["--gradient_checkpointing_policy=dense"], "dots_with_no_batch_dims_saveable"),
+    (["--gradient_checkpointing", "--gradient_checkpointing_policy=dots_saveable"], "dots_saveable"),
+])
+def test_gradient_checkpointing_policy_flag(flags, policy):
+    """A policy by its short or JAX name; a policy alone turns checkpointing on."""
+    from sdjax.config import parse_train_args
+
+    cfg, _ = parse_train_args(["--output_dir=o", *flags])
+    assert cfg.remat == (policy is not None)
+    if policy:
+        assert cfg.remat_policy == policy
+
+
+def test_gradient_checkpointing_policies_save_more_in_order(sd2, tiny_inputs):
+    """What each policy keeps for the backward pass (JAX's own account of the residuals):
+    nothing < dense outputs < every matmul and conv output < everything."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    counts = []
+    for policy in ("nothing", "dense", "dots", "everything"):
+        unet = build_models(sd2.configs, gradient_checkpointing=True, remat_policy=policy)["unet"]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(lambda p: jnp.sum(unet.apply({"params": p}, *tiny_inputs) ** 2),
+                                  sd2.params["unet"])
+        counts.append(len(out.getvalue().splitlines()))
+    assert counts == sorted(set(counts)), counts
+
+
 def test_remat_policy_is_validated(sd2):
-    with pytest.raises(ConfigError, match="remat policy"):
+    with pytest.raises(ConfigError, match="unknown gradient checkpointing policy 'sometimes'; "
+                                          "choose one of nothing"):
         build_models(sd2.configs, gradient_checkpointing=True, remat_policy="sometimes")["unet"].apply(
             {"params": sd2.params["unet"]}, np.zeros((1, 4, 8, 8), np.float32), 1,
             np.zeros((1, 2, 32), np.float32))

@@ -20,12 +20,15 @@ from tests.conftest import DEMO_DATA
 from tests.test_dreambooth import run_cli
 
 
+def flags(model, out, *extra):
+    return ["text_to_image", f"--pretrained_model_name_or_path={model}",
+            f"--train_data_dir={DEMO_DATA}", f"--output_dir={out}", "--resolution=32",
+            "--train_batch_size=1", "--max_train_steps=2", "--checkpointing_steps=1",
+            "--learning_rate=1e-3", "--lr_warmup_steps=0", "--use_ema", "--seed=5", *extra]
+
+
 def run(model, out, *extra):
-    code, stdout, stderr = run_cli([
-        "text_to_image", f"--pretrained_model_name_or_path={model}",
-        f"--train_data_dir={DEMO_DATA}", f"--output_dir={out}", "--resolution=32",
-        "--train_batch_size=1", "--max_train_steps=2", "--checkpointing_steps=1",
-        "--learning_rate=1e-3", "--lr_warmup_steps=0", "--use_ema", "--seed=5", *extra])
+    code, stdout, stderr = run_cli(flags(model, out, *extra))
     assert code == 0, stderr
     return stdout
 
@@ -50,7 +53,7 @@ def assert_close(a, b, base):
 def replicated_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("replicated") / "out"
     stdout = run(tiny_dir, out)
-    assert "state replicated" in stdout
+    assert "state replicated" in stdout and "compiled the train step" in stdout
     return str(out)
 
 
@@ -104,3 +107,35 @@ def test_bad_sharding_flags(flags, message, tiny_dir, tmp_path):
                                *flags])
     assert code == 2 and message in stderr, stderr
     assert jax.device_count() == 4
+
+
+@pytest.mark.slow
+def test_the_run_chooses_the_layout_that_fits(replicated_run, tiny_dir, tmp_path, monkeypatch):
+    """No --fsdp/--sharding on devices that report their memory: the step is compiled
+    replicated, then ZeRO-1 over the host's devices, ...; the first that fits trains, the
+    summary says why, and the step loop runs the executable the check compiled. With memory
+    for none: one line, before anything is written."""
+    from sdjax.config import parse_train_args
+    from sdjax.pipeline import StableDiffusion
+    from sdjax.train import fit
+
+    cfg, _ = parse_train_args(flags(tiny_dir, tmp_path / "x")[1:], task="text_to_image")
+    sd = StableDiffusion.from_config(str(tiny_dir), init_params=False)
+    facts = fit.StepFacts(max_steps=2, cached_latents=False, text_embeddings=False)
+    peak = {s: fit.compile_step(cfg, sd, make_mesh(f), s, facts)["per_device_bytes"]["peak"]
+            for s, f in (("replicated", 1), ("zero1", 4))}
+    assert peak["zero1"] < peak["replicated"]  # moments and EMA split 4 ways
+    limit = (peak["zero1"] + peak["replicated"]) // 2
+    monkeypatch.setattr(fit, "device_memory", lambda device: limit)
+    out = tmp_path / "out"
+    stdout = run(tiny_dir, out)
+    assert "state zero1 over fsdp groups of 4 (chosen for " in stdout
+    assert f"replicated {peak['replicated'] / 2**30:.2f} GiB" in stdout
+    assert "compiled the train step" not in stdout  # the check's executable was reused
+    assert_close(unet(out), unet(replicated_run), unet(tiny_dir))
+
+    monkeypatch.setattr(fit, "device_memory", lambda device: 1024)
+    code, _, stderr = run_cli(flags(tiny_dir, tmp_path / "none"))
+    assert code == 2 and "does not fit" in stderr and "with any layout" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "none" / "checkpoints").exists()

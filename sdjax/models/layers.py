@@ -11,21 +11,39 @@ import numpy as np
 
 from sdjax.errors import ConfigError
 
+# What a remat'd block keeps from its forward pass for the backward one (the rest is recomputed):
+#   nothing_saveable                  only the block's inputs (least memory, most recompute)
+#   dots_with_no_batch_dims_saveable  + the outputs of dense layers (q/k/v/out projections,
+#                                     feed-forward, CLIP's MLP); not convolutions, not q.k / p.v
+#   dots_saveable                     + every matmul and convolution output
+#   everything_saveable               everything: as if there were no remat
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
+# Short names for --gradient_checkpointing_policy.
+REMAT_POLICY_ALIASES = {"nothing": "nothing_saveable", "dense": "dots_with_no_batch_dims_saveable",
+                        "dots": "dots_saveable", "everything": "everything_saveable"}
+
+
+def remat_policy_name(name: str) -> str:
+    """JAX's name of a policy given by its own or its short name (REMAT_POLICY_ALIASES)."""
+    name = REMAT_POLICY_ALIASES.get(name, name)
+    if name not in REMAT_POLICIES:
+        choices = ", ".join(f"{short} ({long})" for short, long in REMAT_POLICY_ALIASES.items())
+        raise ConfigError(f"unknown gradient checkpointing policy {name!r}; choose one of "
+                          f"{choices}")
+    return name
 
 
 def maybe_remat(module_cls, enabled: bool, policy: str = "nothing_saveable", static_argnums=()):
     """`module_cls` wrapped in `nn.remat` when `enabled` (parameter names do not change)."""
     if not enabled:
         return module_cls
-    if policy not in REMAT_POLICIES:
-        raise ConfigError(f"unknown remat policy {policy!r}; choose one of {sorted(REMAT_POLICIES)}")
-    return nn.remat(module_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
+    policy = REMAT_POLICIES[remat_policy_name(policy)]
+    return nn.remat(module_cls, policy=policy, static_argnums=static_argnums)
 
 
 def group_norm(groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from sdjax import storage
 from sdjax.errors import ConfigError
+from sdjax.train.steps import batch_key
 
 GIB = 2 ** 30
 # GCP accelerator-type names -> JAX topology names (a slice of one host unless stated).
@@ -59,14 +60,14 @@ def topology_devices(name: str) -> tuple:
 
 
 def device_memory(device) -> Optional[int]:
-    """Bytes of memory one device has: the TPU table, or what the local runtime reports."""
-    if device.device_kind in HBM_BYTES:
-        return HBM_BYTES[device.device_kind]
+    """Bytes of memory one device may use: what its runtime reports (a GPU's share under XLA's
+    preallocation, a TPU's usable HBM), else the TPU table (topology devices have no runtime);
+    None when unknown (CPU)."""
     try:
         stats = device.memory_stats() or {}
     except Exception:  # topology devices and CPUs have no runtime stats
         stats = {}
-    return stats.get("bytes_limit")
+    return stats.get("bytes_limit") or HBM_BYTES.get(device.device_kind)
 
 
 def shapes_pipeline(cfg):
@@ -128,24 +129,44 @@ def _with_shardings(tree, shardings):
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def compile_step(cfg, sd, devices: list, strategy: str, fsdp: int) -> dict:
-    """Compiles the run's step for `devices` with the state laid out by `strategy` over fsdp
-    groups of `fsdp`; -> the per-device bytes, FLOPs and compile time."""
+@dataclasses.dataclass(frozen=True)
+class StepFacts:
+    """What shapes the step besides the config: the schedule length (its constants are in the
+    program) and what the batch brings instead of the VAE / the frozen text encoder."""
+    max_steps: int
+    cached_latents: bool
+    text_embeddings: bool
+
+    @classmethod
+    def of_config(cls, cfg) -> "StepFacts":
+        return cls(cfg.max_train_steps or 1000, cfg.cache_latents, text_embeddings_in_batch(cfg))
+
+
+def topology_mesh(devices: list, fsdp: int) -> Mesh:
     from sdjax.parallel import DATA_AXIS, FSDP_AXIS
-    from sdjax.train.trainer import step_program
 
     if len(devices) % fsdp:
         raise ConfigError(f"--fsdp {fsdp} does not divide the {len(devices)} devices")
-    mesh = Mesh(np.asarray(devices).reshape(-1, fsdp), (DATA_AXIS, FSDP_AXIS))
+    return Mesh(np.asarray(devices).reshape(-1, fsdp), (DATA_AXIS, FSDP_AXIS))
+
+
+def compile_step(cfg, sd, mesh: Mesh, strategy: str, facts: StepFacts) -> dict:
+    """Compiles the run's step on `mesh` with the state laid out by `strategy` over its fsdp
+    axis; -> the per-device bytes, FLOPs and compile time, and the executable ("compiled",
+    which the training loop reuses for the first batch shape: `batch_key`)."""
+    from sdjax.parallel import fsdp_size
+    from sdjax.train.trainer import step_program
+
+    fsdp = fsdp_size(mesh)
     run = dataclasses.replace(cfg, sharding=strategy, fsdp=fsdp)
-    program = step_program(run, sd, mesh, run.max_train_steps or 1000, cfg.cache_latents,
-                           text_embeddings_in_batch(cfg))
+    program = step_program(run, sd, mesh, facts.max_steps, facts.cached_latents,
+                           facts.text_embeddings)
     state = _with_shardings(program.abstract_state, program.shardings)
     frozen = _with_shardings(program.frozen, program.frozen_sharding)
     batch = abstract_batch(run, sd, mesh)
     t0 = time.perf_counter()
     layout = {"strategy": strategy if fsdp > 1 else "replicated", "fsdp": fsdp,
-              "data": len(devices) // fsdp}
+              "data": mesh.devices.size // fsdp}
     try:
         compiled = program.step_fn.lower(state, frozen, batch).compile()
     except Exception as e:  # the TPU compiler refuses a program that cannot fit its HBM
@@ -165,11 +186,11 @@ def compile_step(cfg, sd, devices: list, strategy: str, fsdp: int) -> dict:
     per_device["peak"] = (per_device["arguments"] + per_device["outputs"]
                           - per_device["aliased"] + per_device["temporaries"])
     images = next(iter(batch.values())).shape[1] * cfg.gradient_accumulation_steps
-    flops = float(cost.get("flops", 0.0)) * len(devices)  # the per-device program's, all devices
+    flops = float(cost.get("flops", 0.0)) * mesh.devices.size  # per-device program's, all devices
     return {"per_device_bytes": per_device, "flops_per_step": flops,
             "flops_per_image": flops / images if images else None,
             "images_per_step": images, "compile_seconds": round(seconds, 1),
-            "sharding": layout}
+            "sharding": layout, "compiled": compiled, "batch_key": batch_key(batch)}
 
 
 def candidate_layouts(cfg, devices: int) -> list:
@@ -206,10 +227,14 @@ def compile_check(cfg) -> dict:
         topology, devices = None, jax.devices()
     sd = shapes_pipeline(cfg)
     hbm = device_memory(devices[0])
-    chosen, tried = choose_layout(candidate_layouts(cfg, len(devices)),
-                                  lambda s, f: compile_step(cfg, sd, devices, s, f), hbm)
+    facts = StepFacts.of_config(cfg)
+    chosen, tried = choose_layout(
+        candidate_layouts(cfg, len(devices)),
+        lambda s, f: compile_step(cfg, sd, topology_mesh(devices, f), s, facts), hbm)
+    chosen = {k: v for k, v in chosen.items() if k not in ("compiled", "batch_key")}
     report = {"topology": topology or "local", "device_kind": devices[0].device_kind,
-              "devices": len(devices), "hbm_bytes_per_device": hbm, **chosen,
+              "devices": len(devices), "hbm_bytes_per_device": hbm,
+              "gradient_checkpointing": cfg.remat_policy if cfg.remat else None, **chosen,
               "tried": [{"sharding": t["sharding"], "fits": t["fits"],
                          "peak": (t["per_device_bytes"] or {}).get("peak"),
                          **({"compiler": t["compiler"]} if "compiler" in t else {})}
@@ -241,3 +266,57 @@ def summary_line(report: dict, path: str) -> str:
             f"(arguments {b['arguments'] / GIB:.2f}, temporaries {b['temporaries'] / GIB:.2f}, "
             f"outputs {b['outputs'] / GIB:.2f}, aliased {b['aliased'] / GIB:.2f}): {verdict}"
             f"{flops} -> {path}")
+
+
+def choose_run_layout(cfg, sd, facts: StepFacts):
+    """The layout of a training run given no --fsdp/--sharding: its step compiled for the
+    devices, replicated, then with the state split over each host's devices (ZeRO-1, then
+    ZeRO-3), until one fits the memory the devices report.
+
+    -> (cfg with the layout set, its mesh, a note for the start-up summary, {batch_key: the
+    compiled step} for the step loop to reuse). Nothing is compiled where there is nothing to
+    choose: an explicit layout, one device, or devices that report no memory limit (CPU).
+    """
+    from jax.experimental import multihost_utils
+
+    from sdjax.parallel import make_mesh
+
+    hbm = min((device_memory(d) or 0) for d in jax.local_devices()) or None
+    if cfg.fsdp or cfg.sharding or jax.device_count() == 1 or hbm is None:
+        return cfg, None, None, {}
+    local = jax.local_device_count()
+    group = local if local > 1 else jax.device_count()
+    layouts = [("replicated", 1), ("zero1", group), ("zero3", group)]
+    meshes = {}
+
+    def compile_one(strategy, fsdp):
+        meshes[strategy] = make_mesh(fsdp)
+        return compile_step(cfg, sd, meshes[strategy], strategy, facts)
+
+    chosen, tried = choose_layout(layouts, compile_one, hbm)
+    index = tried.index(chosen)
+    if jax.process_count() > 1:  # every host trains the layout host 0 chose
+        index = int(multihost_utils.broadcast_one_to_all(np.int32(index)))
+    if not chosen["fits"]:
+        raise ConfigError(
+            f"the train step does not fit the {hbm / GIB:.1f} GiB of a device with any layout "
+            f"({layout_costs(tried)}): lower --train_batch_size or --resolution, add "
+            "--gradient_checkpointing or --mixed_precision bf16, or force a layout with --fsdp")
+    strategy, fsdp = layouts[index]
+    run = dataclasses.replace(cfg, sharding=strategy, fsdp=fsdp)
+    compiled = {}
+    if index == tried.index(chosen):
+        compiled[chosen["batch_key"]] = chosen["compiled"]
+    note = f"chosen for {hbm / GIB:.1f} GiB per device: {layout_costs(tried[:index + 1])}"
+    return run, meshes.get(strategy) or make_mesh(fsdp), note, compiled
+
+
+def layout_costs(tried: list) -> str:
+    """"replicated needs 18.3 GiB, zero1 12.1 GiB": what each layout tried needs per device."""
+    parts = []
+    for t in tried:
+        name = t["sharding"]["strategy"]
+        peak = (t["per_device_bytes"] or {}).get("peak")
+        parts.append(f"{name} refused by the compiler (out of memory)" if peak is None
+                     else f"{name} {peak / GIB:.2f} GiB")
+    return ", ".join(parts)

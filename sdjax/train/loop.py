@@ -39,12 +39,14 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     inputs = open_inputs(cfg, is_main, mesh, use_cache=cfg.cache_latents)
     loader = inputs.loader
     max_steps = _total_steps(cfg, loader)
+    cfg, mesh, layout_note, precompiled = _choose_layout(cfg, inputs.sd, loader, mesh, max_steps)
     trainer = build_trainer(cfg, inputs.sd, loader, mesh, max_steps)
+    trainer.precompiled = precompiled
 
     checkpoints = RunCheckpoints(cfg.output_dir, cfg.checkpoints_total_limit, is_main)
     state, start_step = _resume(cfg, trainer, checkpoints, loader, is_main)
     if is_main:
-        _print_summary(cfg, inputs, trainer, start_step, max_steps)
+        _print_summary(cfg, inputs, trainer, start_step, max_steps, layout_note)
 
     writer = MetricsWriter(cfg, is_main)
     preemption = Preemption()
@@ -101,6 +103,16 @@ def _total_steps(cfg: TrainConfig, loader) -> int:
     return cfg.max_train_steps or math.ceil(cfg.num_train_epochs * loader.steps_per_epoch)
 
 
+def _choose_layout(cfg: TrainConfig, sd, loader, mesh, max_steps: int) -> tuple:
+    """Without --fsdp/--sharding: the layout whose compiled step fits the devices (see
+    sdjax.train.fit.choose_run_layout). -> (cfg, mesh, note for the summary, compiled steps)."""
+    from sdjax.train.fit import StepFacts, choose_run_layout
+
+    facts = StepFacts(max_steps, loader.cache is not None, loader.supplies_text_embeddings)
+    run, chosen_mesh, note, compiled = choose_run_layout(cfg, sd, facts)
+    return run, chosen_mesh or mesh, note, compiled
+
+
 def _images_per_step(cfg: TrainConfig) -> int:
     rows = cfg.train_batch_size * jax.device_count() * cfg.gradient_accumulation_steps
     return rows * (2 if cfg.prior_preservation else 1)
@@ -145,7 +157,8 @@ def _resume(cfg: TrainConfig, trainer, checkpoints, loader, is_main: bool) -> tu
     return state, step
 
 
-def _print_summary(cfg: TrainConfig, inputs, trainer, start_step: int, max_steps: int) -> None:
+def _print_summary(cfg: TrainConfig, inputs, trainer, start_step: int, max_steps: int,
+                   layout_note: Optional[str] = None) -> None:
     devices, rows = jax.device_count(), cfg.train_batch_size * jax.device_count()
     k = cfg.gradient_accumulation_steps
     from sdjax.parallel import fsdp_size
@@ -153,6 +166,8 @@ def _print_summary(cfg: TrainConfig, inputs, trainer, start_step: int, max_steps
     fsdp = fsdp_size(trainer._mesh)
     layout = (f"state {cfg.sharding_strategy} over fsdp groups of {fsdp}" if fsdp > 1
               else "state replicated")
+    if layout_note:
+        layout += f" ({layout_note})"
     print(f"sdjax {__version__}: {jax.process_count()} host(s), {devices} device(s) "
           f"({jax.devices()[0].platform}), {layout}; per-device batch {cfg.train_batch_size}, "
           f"global batch {rows}, accumulation {k}, effective batch {rows * k}")
@@ -166,7 +181,8 @@ def _print_summary(cfg: TrainConfig, inputs, trainer, start_step: int, max_steps
                    + f", {count(adapters):,} parameters")
     print(f"{cfg.task}: training {trained}; data: {inputs.description}; training steps "
           f"{start_step} -> {max_steps}; compute {cfg.compute_dtype_name}, frozen weights "
-          f"{cfg.frozen_dtype_name}, EMA "
+          f"{cfg.frozen_dtype_name}, "
+          f"{f'gradient checkpointing ({cfg.remat_policy}), ' if cfg.remat else ''}EMA "
           f"{'on' if cfg.use_ema else 'off'}, prediction {trainer.schedule.prediction_type}")
 
 

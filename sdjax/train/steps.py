@@ -37,7 +37,7 @@ class StepLoop:
         bar = tqdm(total=max_steps, initial=start_step, disable=not self.is_main, desc="steps",
                    dynamic_ncols=True)
         batches = self.loader.iterate(start_step)
-        self._compiled = {}
+        self._compiled = dict(self.trainer.precompiled)
         self._window = (time.perf_counter(), 0)
         try:
             for step in range(start_step, max_steps):
@@ -72,7 +72,7 @@ class StepLoop:
 
     def _program(self, state, batch):
         """The step compiled for this batch's shapes (one program per bucket), once."""
-        shape = tuple((name, x.shape) for name, x in sorted(batch.items()))
+        shape = batch_key(batch)
         if shape not in self._compiled:
             t0 = time.perf_counter()
             self._compiled[shape] = self.trainer.step_fn.lower(state, self.trainer.frozen,
@@ -95,3 +95,8 @@ class StepLoop:
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
                         img_s=f"{values['images_per_sec']:.1f}")
         self._window = (time.perf_counter(), 0)
+
+
+def batch_key(batch: dict) -> tuple:
+    """What tells batches apart for compiling: names, shapes and dtypes (arrays or shapes)."""
+    return tuple((name, tuple(x.shape), str(x.dtype)) for name, x in sorted(batch.items()))

@@ -36,6 +36,7 @@ class Trainer:
     lora: Optional[object] = None   # sdjax.lora.training.LoraRun of a LoRA run
     _strategy: str = "replicated"   # how the state is split over fsdp (sdjax.train.state)
     _merge: Optional[Callable] = None
+    precompiled: dict = dataclasses.field(default_factory=dict)  # batch_key -> compiled step
 
     def abstract_state(self):
         return jax.tree_util.tree_map(
@@ -112,7 +113,7 @@ def step_program(cfg: TrainConfig, sd, mesh, max_steps: int, cached_latents: boo
                         eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay,
                         max_grad_norm=cfg.max_grad_norm)
     models = build_models(sd.configs, dtype, cfg.attention_implementation,
-                          cfg.gradient_checkpointing, cfg.remat_policy)
+                          cfg.remat, cfg.remat_policy)
     schedule = NoiseSchedule.from_config(sd.scheduler_config)
     lora = None
     if cfg.use_lora:
