@@ -4,12 +4,13 @@ import os
 import subprocess
 import sys
 
+from tests.conftest import xla_flags
 from tests.tiny_torch import REPO
 
 
 def run(*args, devices=1):
     env = dict(os.environ, HF_HUB_OFFLINE="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     return subprocess.run([sys.executable, os.path.join(REPO, "train_flax.py"), *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
 

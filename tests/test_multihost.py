@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import DEMO_DATA
+from tests.conftest import DEMO_DATA, xla_flags
 from tests.tiny_torch import REPO
 
 
@@ -33,7 +33,7 @@ def _args(out):
 
 
 def _env(devices):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    return dict(os.environ, XLA_FLAGS=xla_flags(devices),
                 JAX_PLATFORMS="cpu")
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import DEMO_DATA
+from tests.conftest import DEMO_DATA, xla_flags
 from tests.tiny_torch import REPO
 
 
@@ -21,7 +21,7 @@ def _args(out, steps, *extra):
 
 
 def _env():
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return dict(os.environ, XLA_FLAGS=xla_flags(1))
 
 
 def _complete_steps(folder):

@@ -12,14 +12,14 @@ from safetensors.numpy import load, load_file
 
 from sdjax.config import parse_train_args
 from sdjax.errors import ConfigError
-from tests.conftest import DEMO_DATA
+from tests.conftest import DEMO_DATA, xla_flags
 from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401 (fixtures)
 from tests.tiny_torch import REPO
 
 
 def _run(cwd, *args):
     result = subprocess.run([sys.executable, os.path.join(REPO, "train_flax.py"), *args], cwd=cwd,
-                            env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                            env=dict(os.environ, XLA_FLAGS=xla_flags(2)),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from sdjax.cli import main
-from tests.conftest import DEMO_DATA
+from tests.conftest import DEMO_DATA, xla_flags
 
 NARUTO = ("--use_ema --resolution=512 --center_crop --random_flip --train_batch_size=1 "
           "--gradient_accumulation_steps=4 --gradient_checkpointing --max_train_steps=1 "
@@ -34,7 +34,7 @@ def run_with_devices(args, devices: int):
 
     from tests.tiny_torch import REPO
 
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
     result = subprocess.run([sys.executable, os.path.join(REPO, "train_flax.py"), *args.split()],
                             env=env, capture_output=True, text=True, timeout=900)
     return result.returncode, Printed(result.stdout, result.stderr)
