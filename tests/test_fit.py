@@ -93,3 +93,30 @@ def test_without_libtpu_the_message_says_what_to_install(monkeypatch, tmp_path):
                                f"--train_data_dir={DEMO_DATA}", f"--output_dir={tmp_path}/o",
                                "--compile_only", "--topology=v5e-8"])
     assert code == 2 and "pip install -r requirements_tpu.txt" in stderr
+
+
+def test_megacore_chips_are_one_device_each():
+    """A v4-8 / v5p-8 VM shows JAX its 4 chips (two TensorCores each) as 4 devices of 32 / 95
+    GiB; libtpu's default description would give 8 cores of half the memory."""
+    from sdjax.train.fit import HBM_BYTES, topology_devices
+
+    for name, kind in (("v4-8", "TPU v4"), ("v5p-8", "TPU v5")):
+        topology, devices = topology_devices(name)
+        assert len(devices) == 4 and devices[0].device_kind == kind
+        assert HBM_BYTES[kind] >= 32 * 2**30
+    assert len(topology_devices("v3-8")[1]) == 8  # v2/v3: a device per core, as on the VMs
+
+
+def test_explicit_layouts_are_tried_alone():
+    from types import SimpleNamespace
+
+    from sdjax.train.fit import candidate_layouts
+
+    def cfg(fsdp=None, sharding=None):
+        strategy = sharding or ("zero3" if (fsdp or 1) > 1 else "replicated")
+        return SimpleNamespace(fsdp=fsdp, sharding=sharding, sharding_strategy=strategy)
+
+    assert candidate_layouts(cfg(sharding="replicated"), 8) == [("replicated", 1)]
+    assert candidate_layouts(cfg(sharding="zero1"), 8) == [("zero1", 8)]
+    assert candidate_layouts(cfg(fsdp=4), 8) == [("zero3", 4)]
+    assert candidate_layouts(cfg(), 8) == [("replicated", 1), ("zero1", 8), ("zero3", 8)]

@@ -35,6 +35,7 @@ TOPOLOGY_ALIASES = {
     "v5e-1": "v5e:1x1", "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5litepod-1": "v5e:1x1",
     "v5litepod-4": "v5e:2x2", "v5litepod-8": "v5e:2x4", "v6e-1": "v6e:1x1", "v6e-4": "v6e:2x2",
     "v6e-8": "v6e:2x4"}
+MEGACORE_GENERATIONS = ("v4", "v5p")
 # HBM per JAX device by device_kind (a v2/v3 device is one core; v4/v5p: one megacore chip).
 HBM_BYTES = {"TPU v2": 8 * GIB, "TPU v3": 16 * GIB, "TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB,
              "TPU v5": 95 * GIB, "TPU v5p": 95 * GIB, "TPU v6 lite": 32 * GIB}
@@ -49,7 +50,12 @@ def topology_devices(name: str) -> tuple:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     topology = TOPOLOGY_ALIASES.get(name, name)
     try:
-        described = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+        # v4 and v5p VMs run each chip's two TensorCores as one device (megacore); libtpu's
+        # default for a described topology is a device per core.
+        megacore = ({"chip_config_name": "megacore"}
+                    if topology.split(":")[0] in MEGACORE_GENERATIONS else {})
+        described = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                                 **megacore)
     except Exception as e:  # JAX's (no libtpu) or libtpu's own (a name it does not know)
         if "TPU support not installed" in str(e):
             raise ConfigError("--topology needs libtpu to compile for a TPU: `pip install -r "
@@ -197,7 +203,7 @@ def candidate_layouts(cfg, devices: int) -> list:
     """(strategy, fsdp) to try in order: the run's own, or replicated, then split over every
     device (ZeRO-1, then ZeRO-3)."""
     if cfg.fsdp or cfg.sharding:
-        fsdp = cfg.fsdp or devices
+        fsdp = cfg.fsdp or (1 if cfg.sharding_strategy == "replicated" else devices)
         return [(cfg.sharding_strategy if fsdp > 1 else "replicated", fsdp)]
     layouts = [("replicated", 1)]
     if devices > 1:
