@@ -48,7 +48,7 @@ def normalize_pixels(pixels):
     rounded reciprocal, which differs from numpy in the last bit for most of the 256 values.
     x * hi and x * lo are exact (8 + 16 bits), so their sum is x / 127.5 rounded once, and that
     is the correctly rounded quotient for every x in 0..255: it needs only IEEE float32 multiply
-    and add (an FMA changes nothing); tests/test_data.py checks all 256 values under jit."""
+    and add (an FMA changes nothing); tests/test_train_loop.py checks all 256 values under jit."""
     if pixels.dtype != jnp.uint8:
         raise TypeError(f"pixels must be uint8 (as the data loader yields them), not {pixels.dtype}")
     x = pixels.astype(jnp.float32)

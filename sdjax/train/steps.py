@@ -78,10 +78,12 @@ class StepLoop:
             self._compiled[shape] = self.trainer.step_fn.lower(state, self.trainer.frozen,
                                                                batch).compile()
             if self.is_main:
-                what = ("images", batch["pixel_values"]) if "pixel_values" in batch else (
-                    "cached latents", batch["latent_mean"])
-                tqdm.write(f"compiled the train step for {what[1].shape[-1]}x"
-                           f"{what[1].shape[-2]} {what[0]} in {time.perf_counter() - t0:.1f} s")
+                if "pixel_values" in batch:  # (k, rows, H, W, 3)
+                    what, (height, width) = "images", batch["pixel_values"].shape[-3:-1]
+                else:  # (k, rows, C, h, w)
+                    what, (height, width) = "cached latents", batch["latent_mean"].shape[-2:]
+                tqdm.write(f"compiled the train step for {width}x{height} {what} in "
+                           f"{time.perf_counter() - t0:.1f} s")
             self._window = (time.perf_counter(), 0)
         return self._compiled[shape]
 
