@@ -8,12 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
 from sdjax import StableDiffusion
 from sdjax.cli import main
 from sdjax.data import Loader, open_dataset
+from sdjax.errors import ConfigError
 from sdjax.models.vae import normalize_pixels
+from sdjax.parallel import PREFETCH_TO_DEVICES, make_mesh, placed_ahead
 from sdjax.schedule import NoiseSchedule
 from sdjax.train.state import init_state
 from sdjax.train.step import LossConfig, make_loss_fn, make_train_step
@@ -105,6 +108,43 @@ def test_uint8_nhwc_batch_gives_the_loss_of_the_old_float_nchw_batch(tiny_sd, mo
     old_pixels = pixels.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0  # the old loader
     old = old_loss(trainable, frozen, dict(text, pixel_values=old_pixels), key, 0)
     assert float(new) == float(old)
+
+
+def test_batches_are_placed_two_ahead_in_order():
+    """The step loop's placement: the next two batches are on the devices before a step gets its
+    own, in the source's order, split over the devices by rows; a source error surfaces when its
+    batch is due; closing closes the source."""
+    mesh = make_mesh()
+    read, closed = [], []
+
+    def source(fail_at=None):
+        try:
+            for i in range(6):
+                if i == fail_at:
+                    raise ConfigError("unreadable")
+                read.append(i)
+                yield {"x": np.full((2, 4, 3), i, np.uint8)}
+        finally:
+            closed.append(True)
+
+    batches = placed_ahead(source(), mesh, sample_axis=1)
+    first = next(batches)
+    assert read == [0, 1, 2] and PREFETCH_TO_DEVICES == 2
+    assert isinstance(first["x"], jax.Array) and first["x"].dtype == jnp.uint8
+    assert first["x"].sharding.spec == P(None, ("data", "fsdp"))
+    assert [int(b["x"][0, 0, 0]) for b in batches] == [1, 2, 3, 4, 5] and closed == [True]
+
+    read.clear()
+    batches = placed_ahead(source(fail_at=3), mesh, sample_axis=1)
+    assert [int(next(batches)["x"][0, 0, 0]) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ConfigError, match="unreadable"):
+        next(batches)
+
+    closed.clear()
+    batches = placed_ahead(source(), mesh, sample_axis=1)
+    next(batches)
+    batches.close()
+    assert closed == [True]
 
 
 def test_hosts_read_disjoint_shares(tiny_sd):
@@ -233,7 +273,8 @@ def test_bad_run_inputs(tmp_path, capsys):
 
 @pytest.mark.jax_api
 def test_checkpoint_references_and_total_limit(tmp_path):
-        from sdjax.train import checkpoint as ckpt
+    from sdjax.errors import ConfigError
+    from sdjax.train import checkpoint as ckpt
 
     from sdjax.checkpoints import state_layout
 

@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from sdjax.parallel import global_batch
+from sdjax.parallel import placed_ahead
 from sdjax.train.guard import check_finite
 
 
@@ -36,12 +36,13 @@ class StepLoop:
             return state
         bar = tqdm(total=max_steps, initial=start_step, disable=not self.is_main, desc="steps",
                    dynamic_ncols=True)
-        batches = self.loader.iterate(start_step)
+        # Host batches are built ahead in the loader's thread; the next two are on the devices.
+        batches = placed_ahead(self.loader.iterate(start_step), self.mesh, sample_axis=1)
         self._compiled = {}
         self._window = (time.perf_counter(), 0)
         try:
             for step in range(start_step, max_steps):
-                batch = global_batch(next(batches), self.mesh, sample_axis=1)
+                batch = next(batches)
                 state, metrics = self._program(state, batch)(state, self.trainer.frozen, batch)
                 self._window = (self._window[0], self._window[1] + 1)
                 done = step + 1
