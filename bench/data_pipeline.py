@@ -4,8 +4,10 @@
 
 Writes a folder of random-content JPEGs (768x640, a typical photo-sized source) with caption
 files, then times sdjax's Loader building batches exactly as training does, with 1, 2, ...
-decode threads. Reports images/s, images/s per thread, and how many host cores that means for
-the published 128 images/s per H100 (DESIGN.md). `--cached` also builds a latent cache of the
+decode threads. Reports images/s, batches/s, images/s per thread, how many host cores that
+means for the published 128 images/s per H100 (DESIGN.md), the bytes of one batch (what is
+copied to the devices each step; images are uint8 (H, W, 3)), and how long placing one batch on
+this machine's devices takes (`global_batch` and the copy, waited for). `--cached` also builds a latent cache of the
 folder (tiny model: SD's latent shape, 4 x res/8 x res/8, both flips; its text embeddings are
 32 wide where SD's are 768) and times the batches read from it.
 """
@@ -60,6 +62,22 @@ def build_cache(folder: str, args):
                                                             open_dataset(train_data_dir=folder)))
 
 
+def place_ms(batch: dict, repeats: int = 5) -> float:
+    """Milliseconds to place one host batch on this machine's devices, as the step loop does."""
+    import jax
+
+    from sdjax.parallel import global_batch, make_mesh
+
+    mesh = make_mesh()
+    if batch[next(iter(batch))].shape[1] % mesh.devices.size:
+        return float("nan")
+    jax.block_until_ready(global_batch(batch, mesh, sample_axis=1))
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(global_batch(batch, mesh, sample_axis=1))
+    return round((time.perf_counter() - t0) / repeats * 1e3, 2)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=64)
@@ -88,7 +106,7 @@ def main():
                             center_crop=True, random_flip=True, num_workers=workers,
                             cache=cache if cached else None)
             with ThreadPoolExecutor(workers) as pool:
-                loader.step_batch(pool, 0)  # warm caches
+                batch = loader.step_batch(pool, 0)  # warm caches
                 t0 = time.perf_counter()
                 for step in range(steps):
                     loader.step_batch(pool, step)
@@ -96,8 +114,12 @@ def main():
             rate = steps * args.batch / elapsed
             results["runs"].append({
                 "source": "latent cache" if cached else "JPEG", "threads": workers, "images_per_s": round(rate, 1),
+                "batches_per_s": round(steps / elapsed, 2),
                 "images_per_s_per_thread": round(rate / workers, 1),
-                "host_cores_for_128_images_per_s": round(TARGET_IMAGES_PER_S / (rate / workers), 1)})
+                "host_cores_for_128_images_per_s": round(TARGET_IMAGES_PER_S / (rate / workers), 1),
+                "batch": {name: f"{x.dtype} {list(x.shape)}" for name, x in batch.items()},
+                "batch_bytes": sum(x.nbytes for x in batch.values()),
+                "place_ms": place_ms(batch)})
     print(json.dumps(results, indent=2))
 
 

@@ -114,8 +114,8 @@ class PreparedStep:
             elif name == "prior_mask":  # rows instance, class, instance, class, ... (the loader's)
                 data[name] = np.broadcast_to(np.tile(np.array([0.0, 1.0], np.float32), s.shape[1] // 2),
                                              s.shape).copy()
-            elif name == "pixel_values":
-                data[name] = rng.uniform(-1, 1, s.shape).astype(np.float32)
+            elif name == "pixel_values":  # uint8 (k, rows, H, W, 3), as the loader yields them
+                data[name] = rng.integers(0, 256, s.shape, np.uint8)
             else:
                 data[name] = rng.uniform(0.1, 1, s.shape).astype(s.dtype)
         data = place(data, {name: batch_sharded(self.mesh, 1) for name in data})
@@ -206,7 +206,7 @@ def prepare_step(args, sd=None) -> PreparedStep:
     per_device = args.batch * (2 if args.prior_preservation else 1)
     n = per_device * devices  # global rows of one micro-batch
     k = args.accumulation
-    batch = {"pixel_values": jax.ShapeDtypeStruct((k, n, 3, args.resolution, args.resolution), jnp.float32),
+    batch = {"pixel_values": jax.ShapeDtypeStruct((k, n, args.resolution, args.resolution, 3), jnp.uint8),
              "input_ids": jax.ShapeDtypeStruct((k, n, 77), jnp.int32)}
     if args.prior_preservation:
         batch["prior_mask"] = jax.ShapeDtypeStruct((k, n), jnp.float32)

@@ -25,6 +25,7 @@ import numpy as np
 
 from sdjax.data import latent_cache as lc
 from sdjax.errors import ConfigError
+from sdjax.models.vae import normalize_pixels
 from sdjax.parallel import (batch_sharded, global_batch, hosts_agree, local_rows, replicate,
                             replicated, sync_hosts)
 
@@ -109,10 +110,10 @@ def _encoders(sd, mesh, dtype):
     vae, text_encoder = models["vae"], models["text_encoder"]
     repl, rows = replicated(mesh), batch_sharded(mesh)
 
-    def encode_images(params, pixels):  # (rows, views, 3, H, W) -> (rows, views, 2, C, h, w)
+    def encode_images(params, pixels):  # uint8 (rows, views, H, W, 3) -> (rows, views, 2, C, h, w)
         r, v = pixels.shape[:2]
-        dist = vae.apply({"params": params}, pixels.reshape((r * v,) + pixels.shape[2:]),
-                         method="encode")
+        images = normalize_pixels(pixels.reshape((r * v,) + pixels.shape[2:]))
+        dist = vae.apply({"params": params}, images, method="encode_nhwc")
         moments = jnp.stack([dist.mean, dist.std], axis=1)
         return moments.reshape((r, v) + moments.shape[1:])
 
@@ -177,7 +178,7 @@ def build(directory, key, cfg, sd, images, loader, buckets, mesh, is_main: bool)
             def read_one(index, size=size):
                 rng = np.random.default_rng([cfg.run_seed, 2, int(index)])
                 source, pixels = loader.read_pixels(index, size, rng, random_flip=False)
-                pixels = np.stack([pixels, pixels[:, :, ::-1]])[:views]
+                pixels = np.stack([pixels, pixels[:, ::-1]])[:views]  # (H, W, 3): W flipped
                 return source, pixels
 
             sources = []

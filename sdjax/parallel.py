@@ -11,12 +11,13 @@ the batch.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
 import sys
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import jax
 import numpy as np
@@ -238,6 +239,44 @@ def global_batch(local: dict, mesh: Mesh, sample_axis: int = 0) -> dict:
     sharding = batch_sharded(mesh, sample_axis)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local.items()}
+
+
+PREFETCH_TO_DEVICES = 2  # batches placed on the devices ahead of the one the step is given
+
+
+def placed_ahead(host_batches: Iterator[dict], mesh: Mesh, sample_axis: int = 0,
+                 depth: int = PREFETCH_TO_DEVICES) -> Iterator[dict]:
+    """`global_batch` of each host batch, in order, with the next `depth` already placed.
+
+    Placing only starts the copies to the devices (dispatch is asynchronous), so the batches
+    of the next steps travel while this one is computed, and none waits to be copied after a
+    step the host had to wait for (a log step). The order is the source's on every host; an
+    error of the source is raised when its batch is due, not `depth` steps early. Closing
+    this iterator closes the source. The source is read `depth` batches past the last one used.
+    """
+    source = iter(host_batches)
+    ahead: collections.deque = collections.deque()
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(ahead) <= depth:
+                try:
+                    ahead.append(global_batch(next(source), mesh, sample_axis))
+                except StopIteration:
+                    exhausted = True
+                except Exception as e:  # noqa: BLE001 -- raised in its turn, below
+                    ahead.append(e)
+                    exhausted = True
+            if not ahead:
+                return
+            item = ahead.popleft()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
 
 
 def local_rows(array: jax.Array) -> np.ndarray:

@@ -57,7 +57,8 @@ def test_every_batch_comes_from_one_bucket(mixed):
         for step in range(2):
             size, indices = loader.step_plan(step)
             batch = loader.step_batch(pool, step)
-            assert batch["pixel_values"].shape == (2, 2, 3, size[1], size[0])
+            assert batch["pixel_values"].shape == (2, 2, size[1], size[0], 3)
+            assert batch["pixel_values"].dtype == np.uint8
             assert {plan.sizes[plan.assignment[i]] for i in indices.ravel()} == {size}
             seen += list(indices.ravel())
     assert sorted(seen) == list(range(8))  # one epoch: each image once

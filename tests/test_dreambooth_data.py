@@ -55,8 +55,8 @@ def _batch(loader, step):
 
 
 def _red(pixels):
-    """The red channel of solid images (rows, 3, h, w) in [-1, 1] back to 0..255."""
-    return np.rint((pixels[:, 0, 0, 0] + 1.0) * 127.5).astype(int)
+    """The red channel of solid uint8 images (rows, h, w, 3)."""
+    return pixels[:, 0, 0, 0].astype(int)
 
 
 def test_open_image_folder_captions_only_the_images_directly_in_it(tmp_path):
@@ -99,7 +99,7 @@ def test_pairs_cover_every_class_image_once_per_epoch(tmp_path, tokenizer):
     np.testing.assert_array_equal(loader.step_plan(0)[1][0], virtual % 3)
     batch = _batch(loader, 0)
     assert set(batch) == {"pixel_values", "input_ids", "prior_mask"}
-    assert batch["pixel_values"].shape == (1, 14, 3, 8, 8)
+    assert batch["pixel_values"].shape == (1, 14, 8, 8, 3)
     assert batch["input_ids"].shape == (1, 14, tokenizer.model_max_length)
     assert batch["prior_mask"].dtype == np.float32
     np.testing.assert_array_equal(batch["prior_mask"], [[0.0, 1.0] * 7])
@@ -119,9 +119,9 @@ def test_pairs_over_several_micro_batches(tmp_path, tokenizer):
     loader = _loader(instances, tokenizer, global_batch=2, accumulation_steps=2, prior=classes)
     assert loader.batches_per_epoch == 2 and loader.steps_per_epoch == 1.0
     batch = _batch(loader, 0)
-    assert batch["pixel_values"].shape == (2, 4, 3, 8, 8)
+    assert batch["pixel_values"].shape == (2, 4, 8, 8, 3)
     np.testing.assert_array_equal(batch["prior_mask"], [[0.0, 1.0, 0.0, 1.0]] * 2)
-    classes_seen = _red(batch["pixel_values"].reshape(8, 3, 8, 8))[1::2]
+    classes_seen = _red(batch["pixel_values"].reshape(8, 8, 8, 3))[1::2]
     assert sorted(classes_seen) == [100, 110, 120, 130]
     orders = [np.concatenate([loader.virtual_indices(2 * e + j) for j in range(2)])
               for e in range(4)]
@@ -136,7 +136,7 @@ def test_repeat_to_fills_a_global_batch(tmp_path, tokenizer):
     assert sorted(loader.sample_indices(0)) == [0, 0, 1, 1]
     batch = _batch(loader, 0)
     assert set(batch) == {"pixel_values", "input_ids"}
-    assert batch["pixel_values"].shape == (1, 4, 3, 8, 8)
+    assert batch["pixel_values"].shape == (1, 4, 8, 8, 3)
     assert sorted(_red(batch["pixel_values"][0])) == [0, 0, 10, 10]
 
 

@@ -92,6 +92,24 @@ def test_vae_encode_matches_diffusers(pair):
     assert sample.shape == ref.mean.shape and not np.allclose(sample, ref.mean.numpy())
 
 
+@pytest.mark.parametrize("pair", ["sd1"], indirect=True)
+def test_vae_encode_of_the_loaders_uint8_images_matches_diffusers(pair):
+    """The train step's path (uint8 NHWC, normalised on the device, `encode_nhwc`) against
+    train_text_to_image.py's: ToTensor() and Normalize([0.5], [0.5]) of the same pixels, then
+    the PyTorch VAE."""
+    from sdjax.models.vae import normalize_pixels
+
+    sd, pipe = pair
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), np.uint8)
+    dist = jax.jit(lambda p, x: sd.vae.apply({"params": p}, normalize_pixels(x),
+                                             method="encode_nhwc"))(sd.params["vae"], pixels)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        ref = pipe.vae.encode((images - 0.5) / 0.5).latent_dist
+    assert _max_diff(dist.mean, ref.mean.numpy()) <= TOL
+    assert _max_diff(dist.logvar, ref.logvar.numpy()) <= TOL
+
+
 @pytest.mark.parametrize("pair", STYLES, indirect=True)
 def test_vae_decode_matches_diffusers(pair):
     sd, pipe = pair

@@ -61,7 +61,7 @@ def test_unreadable_records_are_replaced_and_limited(tokenizer, tmp_path, caplog
     victim.write_bytes(victim.read_bytes()[:50])
     before = victim.read_bytes()
     batches = _samples(_loader(tokenizer, data=data), 0, 3)  # one epoch holds the bad record
-    assert all(b["pixel_values"].shape == (1, 4, 3, 32, 32) for b in batches)
+    assert all(b["pixel_values"].shape == (1, 4, 32, 32, 3) for b in batches)
     assert "skipped an unreadable image" in caplog.text
     with pytest.raises(ConfigError, match="more than --max_bad_images=0"):
         _samples(_loader(tokenizer, data=data, max_bad_images=0), 0, 3)

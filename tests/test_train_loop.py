@@ -8,11 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
 from sdjax import StableDiffusion
 from sdjax.cli import main
 from sdjax.data import Loader, open_dataset
+from sdjax.errors import ConfigError
+from sdjax.models.vae import normalize_pixels
+from sdjax.parallel import PREFETCH_TO_DEVICES, make_mesh, placed_ahead
 from sdjax.schedule import NoiseSchedule
 from sdjax.train.state import init_state
 from sdjax.train.step import LossConfig, make_loss_fn, make_train_step
@@ -39,12 +43,12 @@ def test_accumulated_micro_batches_equal_one_batch(tiny_sd):
     step = jax.jit(make_train_step(loss_fn, tx, lambda count: {"lr": 0.5}))
     frozen = {"vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
     rng = np.random.default_rng(0)
-    pixels = rng.uniform(-1, 1, (4, 3, 32, 32)).astype(np.float32)
+    pixels = rng.integers(0, 256, (4, 32, 32, 3), np.uint8)
     ids = rng.integers(0, 500, (4, 77)).astype(np.int32)
     state = init_state({"unet": sd.params["unet"]}, tx, use_ema=True)
     results = {}
     for k in (1, 2):
-        batch = {"pixel_values": pixels.reshape(k, 4 // k, 3, 32, 32),
+        batch = {"pixel_values": pixels.reshape(k, 4 // k, 32, 32, 3),
                  "input_ids": ids.reshape(k, 4 // k, 77)}
         results[k] = step(state, frozen, batch, jax.random.key(0))
     (ref_state, ref_metrics) = results[1]
@@ -58,6 +62,89 @@ def test_accumulated_micro_batches_equal_one_batch(tiny_sd):
         for a, b in zip(jax.tree_util.tree_leaves(new_state.params),
                         jax.tree_util.tree_leaves(ref_state.params)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_pixels_are_normalised_on_the_device_exactly_as_on_the_host():
+    """Every uint8 value, under jit, equals the host's old float32 x / 127.5 - 1 bit for bit."""
+    values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    host = values.astype(np.float32) / 127.5 - 1.0
+    device = np.asarray(jax.jit(normalize_pixels)(values))
+    assert device.dtype == np.float32
+    np.testing.assert_array_equal(device, host)
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_pixels(jnp.asarray(host))
+
+
+def test_uint8_nhwc_batch_gives_the_loss_of_the_old_float_nchw_batch(tiny_sd, monkeypatch):
+    """The step's loss on a uint8 (rows, H, W, 3) batch, normalised on the device and encoded
+    channels-last, equals the old path's bit for bit: the loader's float32 (rows, 3, H, W) made
+    on the host with x / 127.5 - 1, straight into the VAE's NCHW `encode`. Input perturbation,
+    offset noise, min-SNR and prior rows (DreamBooth) included."""
+    import sdjax.train.step as step_module
+
+    sd = tiny_sd
+    schedule = NoiseSchedule.from_config(sd.scheduler_config)
+    config = LossConfig(noise_offset=0.1, input_perturbation=0.1, snr_gamma=5.0)
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (4, 32, 32, 3), np.uint8)
+    pixels[0] = np.resize(np.arange(256, dtype=np.uint8), (32, 32, 3))  # every value
+    text = {"input_ids": rng.integers(0, 500, (4, 77)).astype(np.int32),
+            "prior_mask": np.array([0.0, 1.0, 0.0, 1.0], np.float32)}
+    trainable = {"unet": sd.params["unet"]}
+    frozen = {"vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
+    key = jax.random.key(5)
+    new_loss = jax.jit(make_loss_fn(sd.unet, sd.vae, sd.text_encoder, schedule, config))
+    new = new_loss(trainable, frozen, dict(text, pixel_values=pixels), key, 0)
+
+    class OldVAE:  # the old step's call: `encode` of the host's NCHW floats
+        scaling_factor = sd.vae.scaling_factor
+
+        @staticmethod
+        def apply(variables, images, method):
+            return sd.vae.apply(variables, images, method="encode")
+
+    monkeypatch.setattr(step_module, "normalize_pixels", lambda images: images)
+    old_loss = jax.jit(make_loss_fn(sd.unet, OldVAE, sd.text_encoder, schedule, config))
+    old_pixels = pixels.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0  # the old loader
+    old = old_loss(trainable, frozen, dict(text, pixel_values=old_pixels), key, 0)
+    assert float(new) == float(old)
+
+
+def test_batches_are_placed_two_ahead_in_order():
+    """The step loop's placement: the next two batches are on the devices before a step gets its
+    own, in the source's order, split over the devices by rows; a source error surfaces when its
+    batch is due; closing closes the source."""
+    mesh = make_mesh()
+    read, closed = [], []
+
+    def source(fail_at=None):
+        try:
+            for i in range(6):
+                if i == fail_at:
+                    raise ConfigError("unreadable")
+                read.append(i)
+                yield {"x": np.full((2, 4, 3), i, np.uint8)}
+        finally:
+            closed.append(True)
+
+    batches = placed_ahead(source(), mesh, sample_axis=1)
+    first = next(batches)
+    assert read == [0, 1, 2] and PREFETCH_TO_DEVICES == 2
+    assert isinstance(first["x"], jax.Array) and first["x"].dtype == jnp.uint8
+    assert first["x"].sharding.spec == P(None, ("data", "fsdp"))
+    assert [int(b["x"][0, 0, 0]) for b in batches] == [1, 2, 3, 4, 5] and closed == [True]
+
+    read.clear()
+    batches = placed_ahead(source(fail_at=3), mesh, sample_axis=1)
+    assert [int(next(batches)["x"][0, 0, 0]) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ConfigError, match="unreadable"):
+        next(batches)
+
+    closed.clear()
+    batches = placed_ahead(source(), mesh, sample_axis=1)
+    next(batches)
+    batches.close()
+    assert closed == [True]
 
 
 def test_hosts_read_disjoint_shares(tiny_sd):

@@ -59,7 +59,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def transform_image(image: Image.Image, resolution, center_crop: bool, random_flip: bool,
                     rng: np.random.Generator, interpolation: str = "lanczos") -> np.ndarray:
     """Scale to cover `resolution` (a side, or (width, height) of a bucket), crop to it, optional
-    flip -> float32 CHW in [-1, 1]. For a square size this is diffusers' shorter-side resize."""
+    flip -> uint8 (height, width, 3), as decoded: the step makes it [-1, 1] on the device
+    (`sdjax.models.vae.normalize_pixels`). For a square size this is diffusers' shorter-side
+    resize."""
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     image = to_rgb(image)
     w, h = image.size
@@ -71,10 +73,10 @@ def transform_image(image: Image.Image, resolution, center_crop: bool, random_fl
         left, top = (w - width) // 2, (h - height) // 2
     else:
         left, top = int(rng.integers(0, w - width + 1)), int(rng.integers(0, h - height + 1))
-    array = np.asarray(image.crop((left, top, left + width, top + height)), np.float32)
+    image = image.crop((left, top, left + width, top + height))
     if random_flip and rng.random() < 0.5:
-        array = array[:, ::-1]
-    return np.ascontiguousarray(array.transpose(2, 0, 1)) / 127.5 - 1.0
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # 6x faster than numpy's
+    return np.asarray(image, np.uint8)
 
 
 def choose_caption(caption, rng: np.random.Generator, dropout: float) -> str:
@@ -96,7 +98,8 @@ def tokenize(tokenizer, texts: list) -> np.ndarray:
 
 
 class Loader:
-    """Yields this host's part of each optimizer step's batch: arrays shaped (k, rows, ...).
+    """Yields this host's part of each optimizer step's batch: arrays shaped (k, rows, ...);
+    images as uint8 (k, rows, height, width, 3).
 
     With a latent cache the images are not read: the cached latent moments of the sample (in
     the orientation its flip draw picks) and the cached embedding of its caption are.

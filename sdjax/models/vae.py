@@ -1,7 +1,8 @@
 """AutoencoderKL of Stable Diffusion in Flax linen (NCHW at the boundary, NHWC inside).
 
 `encode(images)` returns the latent distribution (`.mean`, `.logvar`, `.sample(rng)`),
-`decode(latents)` the images. Neither applies `scaling_factor`; callers multiply latents by
+`decode(latents)` the images. `encode_nhwc` takes channels-last images, as the data loader
+yields them (uint8, made [-1, 1] on the device by `normalize_pixels`), without a transpose. Neither applies `scaling_factor`; callers multiply latents by
 `vae.scaling_factor` before the UNet and divide before decoding, as diffusers' pipelines do.
 Parameter names follow diffusers' former Flax VAE (mid-block attention as
 `group_norm/query/key/value/proj_attn`).
@@ -15,6 +16,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdjax.models.attention import (AttentionChoice, AttentionSite, attention,
                                     check_attention_implementation)
@@ -22,6 +24,35 @@ from sdjax.models.config import VAEConfig
 from sdjax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
 VAE_EPS = 1e-6
+
+
+def _split_16_bits(value: float) -> tuple:
+    """value ~= hi + lo, each float32 with at most 16 significant bits."""
+    def top(v):
+        mantissa, exponent = np.frexp(v)
+        return float(np.ldexp(np.round(mantissa * 2.0 ** 16), exponent - 16))
+    hi = top(value)
+    return np.float32(hi), np.float32(top(value - hi))
+
+
+# 1 / 127.5 in two parts whose products with an integer of 8 bits are exact in float32.
+_INV_HI, _INV_LO = _split_16_bits(1.0 / 127.5)
+
+
+def normalize_pixels(pixels):
+    """uint8 images (any layout) -> float32 in [-1, 1]: bit for bit numpy's
+    `pixels.astype(np.float32) / 127.5 - 1.0`, the normalisation the loader did on the host
+    before it moved into the step.
+
+    Not written as a division: XLA turns a division by a constant into a multiplication by its
+    rounded reciprocal, which differs from numpy in the last bit for most of the 256 values.
+    x * hi and x * lo are exact (8 + 16 bits), so their sum is x / 127.5 rounded once, and that
+    is the correctly rounded quotient for every x in 0..255: it needs only IEEE float32 multiply
+    and add (an FMA changes nothing); tests/test_train_loop.py checks all 256 values under jit."""
+    if pixels.dtype != jnp.uint8:
+        raise TypeError(f"pixels must be uint8 (as the data loader yields them), not {pixels.dtype}")
+    x = pixels.astype(jnp.float32)
+    return (x * _INV_HI + x * _INV_LO) - 1.0
 
 
 def plan_attention(config: VAEConfig, requested: Optional[str],
@@ -196,8 +227,11 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, images) -> DiagonalGaussian:
         """images: (B, 3, H, W) in [-1, 1] -> latent distribution over (B, latent, H/f, W/f)."""
-        x = jnp.transpose(images, (0, 2, 3, 1)).astype(self.dtype)
-        moments = self.quant_conv(self.encoder(x))
+        return self.encode_nhwc(jnp.transpose(images, (0, 2, 3, 1)))
+
+    def encode_nhwc(self, images) -> DiagonalGaussian:
+        """images: (B, H, W, 3) in [-1, 1] -> the same distribution as `encode` (NCHW latents)."""
+        moments = self.quant_conv(self.encoder(images.astype(self.dtype)))
         return DiagonalGaussian.from_moments(jnp.transpose(moments, (0, 3, 1, 2)))
 
     def decode(self, latents):

@@ -111,7 +111,7 @@ def abstract_batch(cfg, sd, mesh: Mesh) -> dict:
         batch["latent_mean"] = batch["latent_std"] = jax.ShapeDtypeStruct(shape, dtype,
                                                                            sharding=sharding)
     else:
-        batch["pixel_values"] = jax.ShapeDtypeStruct((k, rows, 3, res, res), jnp.float32,
+        batch["pixel_values"] = jax.ShapeDtypeStruct((k, rows, res, res, 3), jnp.uint8,
                                                      sharding=sharding)
     width = sd.configs["text_encoder"]["hidden_size"]
     length = sd.configs["text_encoder"].get("max_position_embeddings", 77)

@@ -7,7 +7,8 @@ embeddings come with the batch). The loss sees the models' variables made from b
 (`merged_variables`: `{**frozen, **trainable}`; LoRA: the adapters beside the frozen base) and
 differentiates the trainable part only.
 
-Batch arrays are shaped (k micro-batches, global rows, ...): pixel_values or the cached
+Batch arrays are shaped (k micro-batches, global rows, ...): pixel_values (uint8 (H, W, 3) as
+decoded: made [-1, 1] here, on the device, and encoded channels-last) or the cached
 latent_mean / latent_std; input_ids or text_embeddings; with DreamBooth prior preservation a
 prior_mask (1.0 on class-image rows). Gradients are averaged over the k micro-batches in a
 `lax.scan`, so one call is one optimizer step whatever the accumulation.
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sdjax.models.vae import normalize_pixels
 from sdjax.schedule import NoiseSchedule
 from sdjax.train.optimizer import ema_decay
 from sdjax.train.state import TrainState, merged_variables
@@ -74,7 +76,8 @@ def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: 
         if "latent_mean" in batch:  # from the latent cache: the VAE's output, read from disk
             mean, std = batch["latent_mean"], batch["latent_std"]
         else:
-            dist = vae.apply(variables["vae"], batch["pixel_values"], method="encode")
+            dist = vae.apply(variables["vae"], normalize_pixels(batch["pixel_values"]),
+                             method="encode_nhwc")
             mean, std = dist.mean, dist.std
         mean = jax.lax.stop_gradient(mean.astype(jnp.float32))
         std = jax.lax.stop_gradient(std.astype(jnp.float32))

@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from sdjax.parallel import global_batch
+from sdjax.parallel import placed_ahead
 from sdjax.train.guard import check_finite
 
 
@@ -36,12 +36,13 @@ class StepLoop:
             return state
         bar = tqdm(total=max_steps, initial=start_step, disable=not self.is_main, desc="steps",
                    dynamic_ncols=True)
-        batches = self.loader.iterate(start_step)
+        # Host batches are built ahead in the loader's thread; the next two are on the devices.
+        batches = placed_ahead(self.loader.iterate(start_step), self.mesh, sample_axis=1)
         self._compiled = dict(self.trainer.precompiled)
         self._window = (time.perf_counter(), 0)
         try:
             for step in range(start_step, max_steps):
-                batch = global_batch(next(batches), self.mesh, sample_axis=1)
+                batch = next(batches)
                 state, metrics = self._program(state, batch)(state, self.trainer.frozen, batch)
                 self._window = (self._window[0], self._window[1] + 1)
                 done = step + 1
@@ -78,10 +79,12 @@ class StepLoop:
             self._compiled[shape] = self.trainer.step_fn.lower(state, self.trainer.frozen,
                                                                batch).compile()
             if self.is_main:
-                what = ("images", batch["pixel_values"]) if "pixel_values" in batch else (
-                    "cached latents", batch["latent_mean"])
-                tqdm.write(f"compiled the train step for {what[1].shape[-1]}x"
-                           f"{what[1].shape[-2]} {what[0]} in {time.perf_counter() - t0:.1f} s")
+                if "pixel_values" in batch:  # (k, rows, H, W, 3)
+                    what, (height, width) = "images", batch["pixel_values"].shape[-3:-1]
+                else:  # (k, rows, C, h, w)
+                    what, (height, width) = "cached latents", batch["latent_mean"].shape[-2:]
+                tqdm.write(f"compiled the train step for {width}x{height} {what} in "
+                           f"{time.perf_counter() - t0:.1f} s")
             self._window = (time.perf_counter(), 0)
         return self._compiled[shape]
 
