@@ -42,11 +42,16 @@ def check_attention_implementation(implementation):
                           "'xla', 'cudnn', 'flash' or None (JAX picks)")
 
 
-def local_platform() -> str:
-    """The platform of this process's first device as "auto" sees it: "tpu", "gpu" (an NVIDIA GPU
-    cuDNN's flash attention runs on: Ampere, compute capability 8.0, or later), "cpu", or another
-    name ("gpu-sm75", "rocm") that "auto" maps to xla."""
-    device = jax.devices()[0]
+def device_platform(device) -> str:
+    """A device's platform as "auto" sees it: "tpu" (v4 or later: the flash kernel compiles for
+    them, not for v2/v3, whose Mosaic has no bf16 matmul), "gpu" (an NVIDIA GPU cuDNN's flash
+    attention runs on: Ampere, compute capability 8.0, or later), "cpu", or another name
+    ("tpu-v3", "gpu-sm75", "rocm") that "auto" maps to xla. Topology devices (ahead-of-time
+    compiles) work too."""
+    if device.platform == "tpu":
+        kind = str(getattr(device, "device_kind", "")).lower()
+        return next((f"tpu-{old}" for old in ("v2", "v3") if kind.startswith(f"tpu {old}")),
+                    "tpu")
     if device.platform != "gpu":
         return device.platform
     if "rocm" in str(getattr(device.client, "platform_version", "")).lower():
@@ -57,6 +62,11 @@ def local_platform() -> str:
     except ValueError:
         return "gpu"
     return "gpu" if major >= 8 else "gpu-sm" + capability.replace(".", "")
+
+
+def local_platform() -> str:
+    """`device_platform` of this process's first device."""
+    return device_platform(jax.devices()[0])
 
 
 def resolve_auto(requested: Optional[str], platform: Optional[str] = None) -> Optional[str]:
@@ -121,7 +131,9 @@ CUDNN_HEAD_DIM_MULTIPLE = 8
 #     The mesh must be the context mesh while tracing (`sdjax.parallel.mesh_context`, which the
 #     train step and the sampler enter); a batch the mesh does not divide runs XLA.
 # It is a TPU kernel: elsewhere it runs only in Pallas' interpret mode (tests), so a "flash"
-# request for another platform falls back to XLA.
+# request for another platform falls back to XLA, as on TPU v2 and v3, for which Mosaic cannot
+# compile it in bfloat16 ("Unsupported matmul RHS type": checked with topology compiles; v4, v5e,
+# v5p and v6e compile it).
 
 FLASH_DTYPES = ("float32", "bfloat16")
 FLASH_LENGTH_MULTIPLE = 128
@@ -171,7 +183,7 @@ def choose_attention_implementation(requested: Optional[str], dtype, head_dim: i
             return "xla", f"head dim {head_dim} not a multiple of {CUDNN_HEAD_DIM_MULTIPLE}"
     elif implementation == "flash":
         if platform != "tpu":
-            return "xla", f"the flash kernel is for TPUs, not {platform}"
+            return "xla", f"the flash kernel is for TPU v4 and later, not {platform}"
         if name not in FLASH_DTYPES:
             return "xla", f"{name}; the flash kernel takes float32/bfloat16"
         if head_dim > FLASH_MAX_HEAD_DIM:
@@ -356,7 +368,7 @@ def _trace_platform() -> str:
     mesh = jax.sharding.get_abstract_mesh()
     device = None if mesh.empty else getattr(mesh, "abstract_device", None)
     if getattr(device, "platform", None) == "tpu":
-        return "tpu"
+        return device_platform(device)
     return local_platform()
 
 

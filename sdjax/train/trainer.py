@@ -12,6 +12,7 @@ import numpy as np
 
 from sdjax.checkpoints import state_layout
 from sdjax.config import TrainConfig
+from sdjax.models.attention import device_platform
 from sdjax.parallel import batch_sharded, mesh_context, replicated
 from sdjax.schedule import NoiseSchedule
 from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -113,7 +114,7 @@ def step_program(cfg: TrainConfig, sd, mesh, max_steps: int, cached_latents: boo
                         max_grad_norm=cfg.max_grad_norm)
     # "auto" attention for the devices the step is compiled for (a TPU topology's under
     # --compile_only on another machine).
-    platform = "tpu" if mesh.devices.flat[0].platform == "tpu" else None
+    platform = device_platform(mesh.devices.flat[0])
     models = build_models(sd.configs, dtype, cfg.attention_implementation,
                           cfg.gradient_checkpointing, cfg.remat_policy, platform=platform,
                           image_size=cfg.resolution)
