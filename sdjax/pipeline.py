@@ -76,10 +76,12 @@ def build_models(configs: Mapping[str, dict], dtype=None, attention_implementati
     float32, the VAE's 512-wide single head, UNet levels with head dims over 128; for the TPU
     flash kernel sequence lengths that are not multiples of 128, such as the 77 text tokens) runs
     XLA, and one line on the `sdjax` logger says which is which. "auto" is cudnn on a GPU, flash
-    on a TPU and xla elsewhere, for `platform` (the one compiled for: default the local one; an
-    ahead-of-time compile for a TPU topology passes "tpu"). `image_size` (pixels; default the
-    UNet's sample_size times the VAE's downsampling) is the size the message assumes; other
-    sizes are checked when traced. "xla" and None (JAX picks) reach every module unchanged.
+    on a TPU and xla elsewhere, for `platform` (that of the devices compiled for, as
+    `sdjax.models.attention.device_platform` names it: an ahead-of-time compile for a TPU
+    topology on another machine passes "tpu"; default the local devices'). `image_size` (pixels;
+    default the UNet's sample_size times the VAE's downsampling) is the size the message
+    assumes; other sizes are checked when traced. "xla" and None (JAX picks) reach every module
+    unchanged.
     """
     dtype = dtype or jnp.float32
     check_attention_implementation(attention_implementation)
