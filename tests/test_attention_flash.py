@@ -184,16 +184,35 @@ def test_auto_here_is_xla():
     assert resolve_auto("flash", "cpu") == "flash" and resolve_auto(None, "tpu") is None
 
 
+def test_auto_takes_flash_from_1024_tokens():
+    assert choose_attention_implementation("auto", BF16, 80, 8, 1024, 1024, platform="tpu") == (
+        "flash", "")
+    assert choose_attention_implementation("auto", BF16, 160, 8, 256, 256, platform="tpu") == (
+        "xla", "256 tokens, auto takes flash from 1024")
+    assert choose_attention_implementation("auto", BF16, 160, 8, platform="tpu") == ("flash", "")
+    # An explicit request is not second-guessed.
+    assert choose_attention_implementation("flash", BF16, 160, 8, 256, 256, platform="tpu") == (
+        "flash", "")
+
+
 def test_sd15_tpu_plan():
     cfg = shipped("sd15")
-    value, choices = plan_unet(unet_config(cfg["unet"]), "auto", BF16, "tpu", 64, 77)
-    assert value == "flash"  # every level's head dim fits; lengths are checked when traced
+    unet = unet_config(cfg["unet"])
+    value, choices = plan_unet(unet, "auto", BF16, "tpu", 64, 77)
+    assert value == ("flash", "flash", "xla", "xla")  # 4096, 1024, 256 and 64 tokens at 512 px
     got = {(c.site.name, c.site.cross): (c.implementation, c.reason) for c in choices}
+    for block in ("down_blocks_0", "down_blocks_1", "up_blocks_2", "up_blocks_3"):
+        assert got[block, False] == ("flash", "")
+    for block in ("down_blocks_2", "up_blocks_1"):
+        assert got[block, False] == ("xla", "256 tokens, auto takes flash from 1024")
     for block in ("down_blocks_0", "down_blocks_1", "down_blocks_2", "up_blocks_1",
                   "up_blocks_2", "up_blocks_3"):
-        assert got[block, False] == ("flash", "")
         assert got[block, True] == ("xla", "77 keys not a multiple of 128")
     assert got["mid_block", False] == ("xla", "64 keys not a multiple of 128")
+    # An explicit flash: every level (lengths are checked when traced); at 1024 px level 2 has
+    # 1024 tokens, so auto takes it too.
+    assert plan_unet(unet, "flash", BF16, "tpu", 64, 77)[0] == "flash"
+    assert plan_unet(unet, "auto", BF16, "tpu", 128, 77)[0] == ("flash", "flash", "flash", "xla")
     value, choices = plan_vae(vae_config(cfg["vae"]), "auto", BF16, "tpu", 64)
     assert value == "flash" and {c.implementation for c in choices} == {"flash"}
     value, choices = plan_clip(clip_text_config(cfg["text_encoder"]), "auto", BF16, "tpu")
@@ -203,6 +222,8 @@ def test_sd15_tpu_plan():
 def test_sd21_at_768_px_plan():
     value, choices = plan_unet(unet_config(shipped("sd21")["unet"]), "flash", BF16, "tpu", 96, 77)
     assert value == "flash"
+    assert plan_unet(unet_config(shipped("sd21")["unet"]), "auto", BF16, "tpu", 96, 77)[0] == (
+        "flash", "flash", "xla", "xla")
     own = {c.site.name: c.implementation for c in choices if not c.site.cross}
     assert own == {"down_blocks_0": "flash", "down_blocks_1": "flash", "down_blocks_2": "xla",
                    "mid_block": "xla", "up_blocks_1": "xla", "up_blocks_2": "flash",
@@ -212,7 +233,8 @@ def test_sd21_at_768_px_plan():
 def test_tpu_message(caplog):
     with caplog.at_level(logging.INFO, logger="sdjax"):
         models = build_models(shipped("sd15"), BF16, "auto", platform="tpu")
-    assert models["unet"].attention_implementation == "flash"
+    assert models["unet"].attention_implementation == ("flash", "flash", "xla", "xla")
+    assert models["vae"].attention_implementation == "flash"
     assert models["text_encoder"].attention_implementation == "xla"
     records = [r for r in caplog.records if "attention_implementation" in r.getMessage()]
     assert len(records) == 1 and records[0].levelno == logging.INFO  # auto: expected fallbacks
@@ -220,7 +242,9 @@ def test_tpu_message(caplog):
     assert "\n" not in message and message.startswith("attention_implementation=auto (tpu): ")
     flash_part, xla_part = message.split("; XLA for ")
     assert flash_part.endswith("flash for unet self-attention[down_blocks_0, down_blocks_1, "
-                               "down_blocks_2, up_blocks_1, up_blocks_2, up_blocks_3] and vae")
+                               "up_blocks_2, up_blocks_3] and vae")
+    assert ("unet self-attention[down_blocks_2, up_blocks_1] (256 tokens, auto takes flash "
+            "from 1024)") in xla_part
     assert "unet self-attention[mid_block] (64 keys not a multiple of 128)" in xla_part
     assert "unet cross-attention and text_encoder (77 keys not a multiple of 128)" in xla_part
 

@@ -138,6 +138,12 @@ CUDNN_HEAD_DIM_MULTIPLE = 8
 FLASH_DTYPES = ("float32", "bfloat16")
 FLASH_LENGTH_MULTIPLE = 128
 FLASH_MAX_HEAD_DIM = 512  # SD's VAE (one 512-wide head); wider heads are not measured
+# "auto" takes the kernel only where queries x keys reach this squared (where both are known).
+# Measured with bench/attention_tpu.py (v5e, bf16, forward + backward of one call site): at 1024
+# tokens and more XLA's attention needs 100s of MiB to GiBs of HBM temporaries that the kernel
+# avoids; at 256 (SD 1.5's third level at 512 px) XLA needs none either, and the kernel moves
+# more bytes (head dim 160 padded to 256), so there is nothing for it to win.
+FLASH_AUTO_MIN_TOKENS = 1024
 
 
 def flash_length_problem(q_len: Optional[int], kv_len: Optional[int]) -> str:
@@ -157,8 +163,10 @@ def choose_attention_implementation(requested: Optional[str], dtype, head_dim: i
     Returns `(implementation, reason)`. "auto" first becomes the platform's implementation
     (`resolve_auto`: cudnn on GPU, flash on TPU, xla elsewhere). A "cudnn" or "flash" request is
     then changed to "xla" when the call site has a shape or dtype the kernel cannot take (see the
-    rules above), or, for flash, when `platform` is not a TPU, with `reason` saying which;
-    otherwise `reason` is "". "xla" and None (JAX picks) come back unchanged.
+    rules above), or, for flash, when `platform` is not a TPU v4 or later, with `reason` saying
+    which; otherwise `reason` is "". An "auto" that became flash also falls back where fewer than
+    FLASH_AUTO_MIN_TOKENS queries x keys (squared) leave nothing to win. "xla" and None (JAX
+    picks) come back unchanged.
 
     requested: "auto", "xla", "cudnn", "flash" or None. dtype: the compute dtype of q, k and v.
     head_dim, heads: per-head width and head count. q_len, kv_len: query and key lengths where
@@ -191,6 +199,9 @@ def choose_attention_implementation(requested: Optional[str], dtype, head_dim: i
         problem = flash_length_problem(q_len, kv_len)
         if problem:
             return "xla", problem
+        if (requested == "auto" and q_len is not None and kv_len is not None
+                and q_len * kv_len < FLASH_AUTO_MIN_TOKENS ** 2):
+            return "xla", f"{q_len} tokens, auto takes flash from {FLASH_AUTO_MIN_TOKENS}"
     else:
         return implementation, ""
     if has_mask:

@@ -61,12 +61,13 @@ def plan_attention(config: UNetConfig, requested: Optional[str], dtype,
 
     All attention of one level (self- and cross-attention of the down block, the up block, and
     at the last level the mid block) has the same heads and head dim, so one implementation per
-    level, chosen without the sequence lengths (they depend on the input). The value is a single
-    implementation where all levels agree, else a tuple with one entry per level. The choices
-    (for the message) assume `latent_size` (a latent side, e.g. 64 for 512 px; None: unknown) and
-    `text_len` text tokens: what the flash kernel cannot take at those lengths (the text keys,
-    small latents) is what `attention()` sends to XLA when traced. No mask is used and nothing is
-    causal. `platform`: as `choose_attention_implementation`.
+    level. The value is a single implementation where all levels agree, else a tuple with one
+    entry per level. The sites assume `latent_size` (a latent side, e.g. 64 for 512 px; None:
+    unknown) and `text_len` text tokens. An explicit "flash" is kept for every level whose head dim
+    and dtype fit, whatever the lengths: what the kernel cannot take at the lengths of a call (the
+    text keys, small latents) is what `attention()` sends to XLA when traced. "auto" decides per
+    level at the assumed size, by the level's self-attention (flash only where it pays). No mask
+    is used and nothing is causal. `platform`: as `choose_attention_implementation`.
     """
     channels, heads = config.block_out_channels, config.heads_per_block
     last = len(channels) - 1
@@ -85,6 +86,9 @@ def plan_attention(config: UNetConfig, requested: Optional[str], dtype,
         choices.append(site.choose(requested, dtype, platform))
         choices.append(dataclasses.replace(site, kv_len=text_len, cross=True).choose(
             requested, dtype, platform))
+    if requested == "auto":
+        per_level = [dataclasses.replace(site, q_len=side * side, kv_len=side * side) if side
+                     else site for site, side in zip(per_level, sides)]
     levels = tuple(site.choose(requested, dtype, platform).implementation for site in per_level)
     return (levels[0] if len(set(levels)) == 1 else levels), choices
 

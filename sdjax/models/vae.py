@@ -32,8 +32,8 @@ def plan_attention(config: VAEConfig, requested: Optional[str], dtype,
 
     The only attention is the encoder's and the decoder's mid-block self-attention: one head as
     wide as the last block (512 channels in SD's VAE, beyond cuDNN's head dims), over the latent's
-    pixels (`latent_size` squared where known; the module's value is chosen without it, as the
-    UNet's). A VAE without it (`mid_block_add_attention: false`) has no attention to run on a
+    pixels (`latent_size` squared where known; used for the module's value only by "auto", as in
+    the UNet's plan). A VAE without it (`mid_block_add_attention: false`) has no attention to run on a
     fused kernel: it gets "xla" for a cudnn/flash/auto request (so "cudnn" and "flash" are only
     ever set where the kernel takes the attention).
     """
@@ -43,7 +43,9 @@ def plan_attention(config: VAEConfig, requested: Optional[str], dtype,
     tokens = latent_size ** 2 if latent_size else None
     choices = [AttentionSite("vae", f"{part}/mid_block", 1, width, tokens, tokens).choose(
         requested, dtype, platform) for part in ("encoder", "decoder")]
-    module = AttentionSite("vae", "mid_block", 1, width).choose(requested, dtype, platform)
+    # As the UNet's: "auto" by the assumed size, an explicit kernel whatever the size.
+    module = choices[0] if requested == "auto" else AttentionSite(
+        "vae", "mid_block", 1, width).choose(requested, dtype, platform)
     return module.implementation, choices
 
 
