@@ -2,7 +2,7 @@
 
     python bench/attention_tpu.py                          # every site below, batch 1 and 4, v5e:1x1
     python bench/attention_tpu.py --topology v5e:2x4 --batch 8 --impls xla flash
-    python bench/attention_tpu.py --unet sd15              # + the whole UNet, xla against auto (slow)
+    python bench/attention_tpu.py --no_sites --unet sd15   # the whole UNet, xla against auto (slow)
     python bench/attention_tpu.py --time                   # on a TPU host: also the clock
 
 Each row compiles the forward and backward (the VJP of a random output cotangent with respect to
@@ -20,9 +20,10 @@ undercounted). Implementations:
   splash      JAX's Pallas splash-attention kernel (full mask, blocks of up to 512), for reference
 A site the kernel cannot take (lengths not a multiple of 128) is reported with the reason and no
 figures. With --unet, the whole UNet's forward and backward (gradient of the mean output with
-respect to the parameters) at its native size, batch 1, built with `build_models(...,
-platform="tpu")` for "xla" and for "auto" (flash where it fits, as training on a TPU gets): about
-ten minutes of compiling each on a small machine.
+respect to the parameters, float32 parameters, bfloat16 compute, no remat) at its native size,
+batch 1, built with `build_models(..., platform="tpu")` for each of --unet_impls: "xla", "flash"
+(the kernel wherever it fits) or "auto" (what training on a TPU gets): ten to twenty-five
+minutes of compiling each on a small machine.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def parse_args():
     p.add_argument("--models", nargs="+", default=["sd15-512", "sd21-768"],
                    help="which SITES rows (sd15-512, sd21-768)")
     p.add_argument("--unet", nargs="*", choices=sorted(UNET_SIZES), default=None,
-                   help="also compile these whole UNets (batch 1, native size), xla and auto")
+                   help="also compile these whole UNets (batch 1, native size)")
+    p.add_argument("--unet_impls", nargs="+", choices=("xla", "flash", "auto"),
+                   default=["xla", "auto"], help="attention_implementation of the --unet compiles")
     p.add_argument("--no_sites", action="store_true", help="only the --unet compiles")
     p.add_argument("--time", action="store_true",
                    help="run on the local TPU devices instead and report milliseconds per call")
@@ -267,7 +270,7 @@ def main():
                     show(row)
                     rows.append(row)
     for name in args.unet or ():
-        for impl in ("xla", "auto"):
+        for impl in args.unet_impls:
             row = measure_unet(args, devices[:1], name, impl)
             show(row)
             rows.append(row)
