@@ -145,7 +145,7 @@ class TrainConfig:
     topology: Optional[str] = None          # a TPU slice to compile for (v5e-8, v5e:2x4, ...)
     fsdp: Optional[int] = None              # devices an fsdp group splits the state over
     sharding: Optional[str] = None          # replicated | zero1 | zero3 (sdjax.train.state)
-    attention_implementation: Optional[str] = "xla"
+    attention_implementation: Optional[str] = "auto"  # auto | xla | cudnn | flash (attention.py)
     gradient_checkpointing_policy: Optional[str] = None  # implies --gradient_checkpointing
     coordinator_address: Optional[str] = None
     num_processes: Optional[int] = None
@@ -292,9 +292,9 @@ class TrainConfig:
             problems.append("--learning_rate must be positive")
         if self.report_to not in ("tensorboard", "wandb", "none", "all"):
             problems.append(f"--report_to={self.report_to!r}: choose tensorboard, wandb or none")
-        if self.attention_implementation not in ("xla", "cudnn", None):
+        if self.attention_implementation not in ("auto", "xla", "cudnn", "flash", None):
             problems.append(f"--attention_implementation={self.attention_implementation!r}: "
-                            "choose xla or cudnn")
+                            "choose auto, xla, cudnn or flash")
         if self.train_data_dir and not os.path.isdir(self.train_data_dir):
             problems.append(f"--train_data_dir {self.train_data_dir} is not a directory")
         if self.resume_from_checkpoint is not None:
@@ -478,7 +478,7 @@ class TrainConfig:
 # Flags of the diffusers scripts that mean nothing here: accepted, with a one-line note.
 NOOP_FLAGS = {
     "enable_xformers_memory_efficient_attention":
-        "xFormers is PyTorch-only; attention is fused by XLA (or --attention_implementation cudnn)",
+        "xFormers is PyTorch-only; --attention_implementation auto fuses it (cuDNN, TPU flash)",
     "allow_tf32": "TF32 is a PyTorch/CUDA setting; JAX chooses matmul precision itself",
     "use_8bit_adam": "8-bit Adam (bitsandbytes) is PyTorch-only; optax AdamW is used",
     "foreach_ema": "EMA is one fused update inside the jitted step",

@@ -207,6 +207,16 @@ def fsdp_sharding(mesh: Mesh, shape) -> NamedSharding:
     return replicated(mesh)
 
 
+def mesh_context(mesh: Mesh):
+    """Makes `mesh` the context mesh while a jitted function is traced (use inside it): code that
+    must place work on the mesh itself, as the TPU flash-attention kernel does with
+    `jax.shard_map` (XLA cannot partition a Pallas kernel), reads it from there."""
+    use = getattr(jax.sharding, "use_abstract_mesh", None)
+    if use is None:  # JAX < 0.7 keeps it private
+        from jax._src.mesh import use_abstract_mesh as use
+    return use(mesh.abstract_mesh)
+
+
 def batch_sharded(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
     """Sharding of a batch whose axis `leading_axes` is the sample axis (0, or 1 after the
     micro-batch axis of gradient accumulation): split over every device of the mesh."""

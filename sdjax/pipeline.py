@@ -23,7 +23,8 @@ import numpy as np
 from sdjax.errors import SdjaxError, WeightsError
 from sdjax.hub import COMPONENT_KINDS, resolve_model_dir
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
-from sdjax.models.attention import attention_plan_message, check_attention_implementation
+from sdjax.models.attention import (attention_plan_message, check_attention_implementation,
+                                    local_platform)
 from sdjax.models.clip import plan_attention as plan_clip_attention
 from sdjax.models.config import clip_text_config, unet_config, vae_config
 from sdjax.models.init import random_params
@@ -65,30 +66,48 @@ def _dummy_inputs(component: str, config) -> tuple:
 
 
 def build_models(configs: Mapping[str, dict], dtype=None, attention_implementation="xla",
-                 gradient_checkpointing: bool = False, remat_policy: str = "nothing_saveable"):
+                 gradient_checkpointing: bool = False, remat_policy: str = "nothing_saveable", *,
+                 platform: Optional[str] = None, image_size: Optional[int] = None):
     """Linen modules from the raw config dicts of 'unet', 'vae' and 'text_encoder'.
 
-    A `cudnn` attention request is resolved here, per attention site, so that cuDNN only gets
-    the shapes and dtypes it takes (`sdjax.models.attention.choose_attention_implementation`):
-    the rest (anything float32, the VAE's 512-wide single head, UNet levels with head dims over
-    128) runs XLA, and one line on the `sdjax` logger says which is which. `xla` and None (JAX
-    picks) reach every module unchanged.
+    A "cudnn", "flash" or "auto" attention request is resolved here, per attention site, so that
+    a fused kernel only gets the shapes and dtypes it takes
+    (`sdjax.models.attention.choose_attention_implementation`): the rest (for cuDNN anything
+    float32, the VAE's 512-wide single head, UNet levels with head dims over 128; for the TPU
+    flash kernel sequence lengths that are not multiples of 128, such as the 77 text tokens) runs
+    XLA, and one line on the `sdjax` logger says which is which. "auto" is cudnn on a GPU, flash
+    on a TPU and xla elsewhere, for `platform` (that of the devices compiled for, as
+    `sdjax.models.attention.device_platform` names it: an ahead-of-time compile for a TPU
+    topology on another machine passes "tpu"; default the local devices'). `image_size` (pixels;
+    default the UNet's sample_size times the VAE's downsampling) is the size the message
+    assumes; other sizes are checked when traced. "xla" and None (JAX picks) reach every module
+    unchanged.
     """
     dtype = dtype or jnp.float32
     check_attention_implementation(attention_implementation)
     remat = dict(gradient_checkpointing=gradient_checkpointing, remat_policy=remat_policy)
     parsed = {"unet": unet_config(configs["unet"]), "vae": vae_config(configs["vae"]),
               "text_encoder": clip_text_config(configs["text_encoder"])}
-    planners = {"unet": plan_unet_attention, "vae": plan_vae_attention,
-                "text_encoder": plan_clip_attention}
+    if attention_implementation in ("auto", "flash"):
+        platform = platform or local_platform()
+    vae_factor = 2 ** (len(parsed["vae"].block_out_channels) - 1)
+    latent_size = image_size // vae_factor if image_size else configs["unet"].get("sample_size")
+    latent_size = latent_size if isinstance(latent_size, int) else None
+    text_len = parsed["text_encoder"].max_position_embeddings
+    requested = attention_implementation
     implementations, choices = {}, []
-    for component, plan in planners.items():
-        implementations[component], component_choices = plan(
-            parsed[component], attention_implementation, dtype)
+    for component, (implementation, component_choices) in {
+            "unet": plan_unet_attention(parsed["unet"], requested, dtype, platform, latent_size,
+                                        text_len),
+            "vae": plan_vae_attention(parsed["vae"], requested, dtype, platform, latent_size),
+            "text_encoder": plan_clip_attention(parsed["text_encoder"], requested, dtype,
+                                                platform)}.items():
+        implementations[component] = implementation
         choices += component_choices
-    message = attention_plan_message(attention_implementation, choices)
+    message = attention_plan_message(requested, choices, platform)
     if message:
-        fell_back = any(c.implementation != attention_implementation for c in choices)
+        # "auto" falls back by design; an explicit kernel that does not fit everywhere warns.
+        fell_back = requested != "auto" and any(c.reason for c in choices)
         logging.getLogger("sdjax").log(logging.WARNING if fell_back else logging.INFO, message)
     return {
         "unet": UNet2DConditionModel(parsed["unet"], dtype=dtype,

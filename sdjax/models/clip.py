@@ -24,19 +24,19 @@ ACTIVATIONS = {
 }
 
 
-def plan_attention(config: CLIPTextConfig, requested: Optional[str],
-                   dtype) -> Tuple[Optional[str], List[AttentionChoice]]:
+def plan_attention(config: CLIPTextConfig, requested: Optional[str], dtype,
+                   platform: Optional[str] = None) -> Tuple[Optional[str], List[AttentionChoice]]:
     """Resolves an attention request for the text encoder: (the module's
     `attention_implementation`, the choice made for its layers, which all look alike).
 
     The layers' self-attention is causal over max_position_embeddings tokens (77) with no mask
     array, as sdjax calls the encoder (no `attention_mask`); a call that passes one runs XLA,
-    see `CLIPAttention`.
+    see `CLIPAttention`. `platform`: as `choose_attention_implementation`.
     """
     length = config.max_position_embeddings
     heads = config.num_attention_heads
     choice = AttentionSite("text_encoder", "layers", heads, config.hidden_size // heads, length,
-                           length, is_causal=True).choose(requested, dtype)
+                           length, is_causal=True).choose(requested, dtype, platform)
     return choice.implementation, [choice]
 
 

@@ -45,15 +45,29 @@ class TimestepEmbedding(nn.Module):
         return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
 
 
-def plan_attention(config: UNetConfig, requested: Optional[str],
-                   dtype) -> Tuple[Any, List[AttentionChoice]]:
+def level_sides(config: UNetConfig, latent_size: int) -> List[int]:
+    """The latent side at each block level (each down block but the last halves it, rounding up)."""
+    sides = [latent_size]
+    for _ in config.block_out_channels[1:]:
+        sides.append(-(-sides[-1] // 2))
+    return sides
+
+
+def plan_attention(config: UNetConfig, requested: Optional[str], dtype,
+                   platform: Optional[str] = None, latent_size: Optional[int] = None,
+                   text_len: Optional[int] = None) -> Tuple[Any, List[AttentionChoice]]:
     """Resolves an attention request per block level: (the module's `attention_implementation`,
-    the choice made for each attention block, in model order).
+    the choice made for each attention block's self- and cross-attention, in model order).
 
     All attention of one level (self- and cross-attention of the down block, the up block, and
-    at the last level the mid block) has the same heads and head dim, so one choice per level.
-    The value is a single implementation where all levels agree, else a tuple with one entry per
-    level. Image and text lengths depend on the inputs; no mask is used and nothing is causal.
+    at the last level the mid block) has the same heads and head dim, so one implementation per
+    level. The value is a single implementation where all levels agree, else a tuple with one
+    entry per level. The sites assume `latent_size` (a latent side, e.g. 64 for 512 px; None:
+    unknown) and `text_len` text tokens. An explicit "flash" is kept for every level whose head dim
+    and dtype fit, whatever the lengths: what the kernel cannot take at the lengths of a call (the
+    text keys, small latents) is what `attention()` sends to XLA when traced. "auto" decides per
+    level at the assumed size, by the level's self-attention (flash only where it pays). No mask
+    is used and nothing is causal. `platform`: as `choose_attention_implementation`.
     """
     channels, heads = config.block_out_channels, config.heads_per_block
     last = len(channels) - 1
@@ -64,9 +78,18 @@ def plan_attention(config: UNetConfig, requested: Optional[str],
     names.append(("mid_block", last))
     names += [(f"up_blocks_{i}", last - i) for i, t in enumerate(config.up_block_types)
               if t == "CrossAttnUpBlock2D"]
-    choices = [dataclasses.replace(per_level[level], name=name).choose(requested, dtype)
-               for name, level in names]
-    levels = tuple(site.choose(requested, dtype).implementation for site in per_level)
+    sides = level_sides(config, latent_size) if latent_size else [None] * len(channels)
+    choices = []
+    for name, level in names:
+        tokens = sides[level] ** 2 if sides[level] else None
+        site = dataclasses.replace(per_level[level], name=name, q_len=tokens, kv_len=tokens)
+        choices.append(site.choose(requested, dtype, platform))
+        choices.append(dataclasses.replace(site, kv_len=text_len, cross=True).choose(
+            requested, dtype, platform))
+    if requested == "auto":
+        per_level = [dataclasses.replace(site, q_len=side * side, kv_len=side * side) if side
+                     else site for site, side in zip(per_level, sides)]
+    levels = tuple(site.choose(requested, dtype, platform).implementation for site in per_level)
     return (levels[0] if len(set(levels)) == 1 else levels), choices
 
 

@@ -55,22 +55,29 @@ def normalize_pixels(pixels):
     return (x * _INV_HI + x * _INV_LO) - 1.0
 
 
-def plan_attention(config: VAEConfig, requested: Optional[str],
-                   dtype) -> Tuple[Optional[str], List[AttentionChoice]]:
+def plan_attention(config: VAEConfig, requested: Optional[str], dtype,
+                   platform: Optional[str] = None, latent_size: Optional[int] = None
+                   ) -> Tuple[Optional[str], List[AttentionChoice]]:
     """Resolves an attention request for the VAE: (the module's `attention_implementation`, the
     choice made for each attention, in model order).
 
     The only attention is the encoder's and the decoder's mid-block self-attention: one head as
-    wide as the last block (512 channels in SD's VAE, beyond cuDNN's head dims). A VAE without
-    it (`mid_block_add_attention: false`) has no attention to run on cuDNN: it gets "xla" for a
-    cudnn request (so "cudnn" is only ever set where cuDNN takes the attention).
+    wide as the last block (512 channels in SD's VAE, beyond cuDNN's head dims), over the latent's
+    pixels (`latent_size` squared where known; used for the module's value only by "auto", as in
+    the UNet's plan). A VAE without it (`mid_block_add_attention: false`) has no attention to run on a
+    fused kernel: it gets "xla" for a cudnn/flash/auto request (so "cudnn" and "flash" are only
+    ever set where the kernel takes the attention).
     """
     if not config.mid_block_add_attention:
-        return ("xla" if requested == "cudnn" else requested), []
+        return ("xla" if requested in ("cudnn", "flash", "auto") else requested), []
     width = config.block_out_channels[-1]
-    choices = [AttentionSite("vae", f"{part}/mid_block", 1, width).choose(requested, dtype)
-               for part in ("encoder", "decoder")]
-    return choices[0].implementation, choices
+    tokens = latent_size ** 2 if latent_size else None
+    choices = [AttentionSite("vae", f"{part}/mid_block", 1, width, tokens, tokens).choose(
+        requested, dtype, platform) for part in ("encoder", "decoder")]
+    # As the UNet's: "auto" by the assumed size, an explicit kernel whatever the size.
+    module = choices[0] if requested == "auto" else AttentionSite(
+        "vae", "mid_block", 1, width).choose(requested, dtype, platform)
+    return module.implementation, choices
 
 
 @flax.struct.dataclass

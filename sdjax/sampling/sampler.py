@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import ConfigError
-from sdjax.parallel import (batch_sharded, make_mesh, replicate, replicated, shard_batch,
-                            to_replicated)
+from sdjax.parallel import (batch_sharded, make_mesh, mesh_context, replicate, replicated,
+                            shard_batch, to_replicated)
 from sdjax.sampling import prompts as prompt_text
 from sdjax.sampling.schedulers import default_scheduler_name, make_scheduler
 
@@ -207,5 +207,9 @@ class Sampler:
                     jnp.clip(pixels.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
             return result
 
+        def on_mesh(*args):
+            with mesh_context(self.mesh):  # the flash attention kernel runs per batch shard
+                return run(*args)
+
         repl, rows = replicated(self.mesh), batch_sharded(self.mesh)
-        return jax.jit(run, in_shardings=(repl, rows, repl, repl), out_shardings=repl)
+        return jax.jit(on_mesh, in_shardings=(repl, rows, repl, repl), out_shardings=repl)

@@ -12,7 +12,8 @@ import numpy as np
 
 from sdjax.checkpoints import state_layout
 from sdjax.config import TrainConfig
-from sdjax.parallel import batch_sharded, replicated
+from sdjax.models.attention import device_platform
+from sdjax.parallel import batch_sharded, mesh_context, replicated
 from sdjax.schedule import NoiseSchedule
 from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
 from sdjax.train.state import (TrainState, adapter_variables, frozen_shardings, init_state,
@@ -112,8 +113,12 @@ def step_program(cfg: TrainConfig, sd, mesh, max_steps: int, cached_latents: boo
     tx = make_optimizer(schedules, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2,
                         eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay,
                         max_grad_norm=cfg.max_grad_norm)
+    # "auto" attention for the devices the step is compiled for (a TPU topology's under
+    # --compile_only on another machine).
+    platform = device_platform(mesh.devices.flat[0])
     models = build_models(sd.configs, dtype, cfg.attention_implementation,
-                          cfg.remat, cfg.remat_policy)
+                          cfg.remat, cfg.remat_policy, platform=platform,
+                          image_size=cfg.resolution)
     schedule = NoiseSchedule.from_config(sd.scheduler_config)
     lora = None
     if cfg.use_lora:
@@ -146,7 +151,12 @@ def step_program(cfg: TrainConfig, sd, mesh, max_steps: int, cached_latents: boo
     abstract = jax.eval_shape(lambda p: init_state(p, tx, use_ema), _shapes(trainable))
     shardings = state_shardings(mesh, abstract, strategy)
     key = jax.random.key(cfg.run_seed)
-    step_fn = jax.jit(lambda s, f, b: base_step(s, f, b, key),
+
+    def step(s, f, b):
+        with mesh_context(mesh):  # the flash attention kernel runs per batch shard
+            return base_step(s, f, b, key)
+
+    step_fn = jax.jit(step,
                       in_shardings=(shardings, frozen_sharding, batch_sharded(mesh, 1)),
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
     layout = state_layout(cfg.trained_components, cfg.use_ema,
