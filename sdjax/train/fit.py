@@ -240,7 +240,8 @@ def compile_check(cfg) -> dict:
     chosen = {k: v for k, v in chosen.items() if k not in ("compiled", "batch_key")}
     report = {"topology": topology or "local", "device_kind": devices[0].device_kind,
               "devices": len(devices), "hbm_bytes_per_device": hbm,
-              "gradient_checkpointing": cfg.remat_policy if cfg.remat else None, **chosen,
+              "gradient_checkpointing": cfg.remat_policy if cfg.remat else None,
+              "attention": cfg.attention_implementation, **chosen,
               "tried": [{"sharding": t["sharding"], "fits": t["fits"],
                          "peak": (t["per_device_bytes"] or {}).get("peak"),
                          **({"compiler": t["compiler"]} if "compiler" in t else {})}
