@@ -105,6 +105,7 @@ def test_megacore_chips_are_one_device_each():
         assert len(devices) == 4 and devices[0].device_kind == kind
         assert HBM_BYTES[kind] >= 32 * 2**30
     assert len(topology_devices("v3-8")[1]) == 8  # v2/v3: a device per core, as on the VMs
+    assert len(topology_devices("v5e-1")[1]) == 1
 
 
 def test_explicit_layouts_are_tried_alone():

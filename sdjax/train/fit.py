@@ -52,10 +52,12 @@ def topology_devices(name: str) -> tuple:
     try:
         # v4 and v5p VMs run each chip's two TensorCores as one device (megacore); libtpu's
         # default for a described topology is a device per core.
-        megacore = ({"chip_config_name": "megacore"}
-                    if topology.split(":")[0] in MEGACORE_GENERATIONS else {})
+        options = ({"chip_config_name": "megacore"}
+                   if topology.split(":")[0] in MEGACORE_GENERATIONS else {})
+        if topology.endswith(":1x1"):  # one chip: libtpu's default host is 2x2 chips
+            options["chips_per_host_bounds"] = (1, 1, 1)
         described = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                                 **megacore)
+                                                 **options)
     except Exception as e:  # JAX's (no libtpu) or libtpu's own (a name it does not know)
         if "TPU support not installed" in str(e):
             raise ConfigError("--topology needs libtpu to compile for a TPU: `pip install -r "
