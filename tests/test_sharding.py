@@ -43,10 +43,12 @@ def assert_close(a, b, base):
     assert moved > 1e-3  # two Adam steps at lr 1e-3: equality below is meaningful
     # Float tolerance: the sharded program sums gradients in another order. Adam divides by
     # sqrt(v) + 1e-8, so where a gradient is about 1e-8 that order shows in the update: a few
-    # weights in 10^5 differ by up to a few % of one step; all the others agree to 1e-6.
+    # weights in 10^4 differ by up to ~10% of one step (8e-5 seen with XLA:CPU at -O0; bounds as
+    # in the two-host test); all the others agree to 1e-5. A wrong gather or split would move most
+    # weights by a whole step (1e-3).
     diff = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
-    assert diff.max() < 5e-5, diff.max()
-    assert np.mean(diff > 1e-6) < 1e-4, np.mean(diff > 1e-6)
+    assert diff.max() < 2e-4, diff.max()
+    assert np.mean(diff > 1e-5) < 1e-4, np.mean(diff > 1e-5)
 
 
 @pytest.fixture(scope="module")
