@@ -294,8 +294,7 @@ def choose_run_layout(cfg, sd, facts: StepFacts):
     if cfg.fsdp or cfg.sharding or jax.device_count() == 1 or hbm is None:
         return cfg, None, None, {}
     local = jax.local_device_count()
-    group = local if local > 1 else jax.device_count()
-    layouts = [("replicated", 1), ("zero1", group), ("zero3", group)]
+    layouts = candidate_layouts(cfg, local if local > 1 else jax.device_count())
     meshes = {}
 
     def compile_one(strategy, fsdp):
@@ -303,7 +302,7 @@ def choose_run_layout(cfg, sd, facts: StepFacts):
         return compile_step(cfg, sd, meshes[strategy], strategy, facts)
 
     chosen, tried = choose_layout(layouts, compile_one, hbm)
-    index = tried.index(chosen)
+    index = here = tried.index(chosen)
     if jax.process_count() > 1:  # every host trains the layout host 0 chose
         index = int(multihost_utils.broadcast_one_to_all(np.int32(index)))
     if not chosen["fits"]:
@@ -313,9 +312,7 @@ def choose_run_layout(cfg, sd, facts: StepFacts):
             "--gradient_checkpointing or --mixed_precision bf16, or force a layout with --fsdp")
     strategy, fsdp = layouts[index]
     run = dataclasses.replace(cfg, sharding=strategy, fsdp=fsdp)
-    compiled = {}
-    if index == tried.index(chosen):
-        compiled[chosen["batch_key"]] = chosen["compiled"]
+    compiled = {chosen["batch_key"]: chosen["compiled"]} if index == here else {}
     note = f"chosen for {hbm / GIB:.1f} GiB per device: {layout_costs(tried[:index + 1])}"
     return run, meshes.get(strategy) or make_mesh(fsdp), note, compiled
 
