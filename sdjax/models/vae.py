@@ -2,8 +2,9 @@
 
 `encode(images)` returns the latent distribution (`.mean`, `.logvar`, `.sample(rng)`),
 `decode(latents)` the images. `encode_nhwc` takes channels-last images, as the data loader
-yields them (uint8, made [-1, 1] on the device by `normalize_pixels`), without a transpose. Neither applies `scaling_factor`; callers multiply latents by
-`vae.scaling_factor` before the UNet and divide before decoding, as diffusers' pipelines do.
+yields them (uint8, made [-1, 1] on the device by `normalize_pixels`), without a transpose.
+Neither applies `scaling_factor`; callers multiply latents by `vae.scaling_factor` before the
+UNet and divide before decoding, as diffusers' pipelines do.
 Parameter names follow diffusers' former Flax VAE (mid-block attention as
 `group_norm/query/key/value/proj_attn`).
 """
