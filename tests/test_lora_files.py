@@ -397,7 +397,6 @@ def test_fuse_lora_files_adds_up_and_keeps_dtypes(cases):
     assert all(x.dtype == np.float16 for x in jax.tree_util.tree_leaves(out))
 
 
-@pytest.mark.jax_api
 def test_generate_with_lora(cases, tmp_path):
     from PIL import Image
 

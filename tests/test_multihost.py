@@ -38,7 +38,6 @@ def _env(devices):
 
 
 @pytest.mark.slow
-@pytest.mark.jax_api
 def test_two_hosts_with_fsdp_across_them_match_one_host(tmp_path):
     single = subprocess.run(_args(tmp_path / "single"), env=_env(4), capture_output=True, text=True,
                             timeout=600)

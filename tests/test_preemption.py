@@ -36,7 +36,6 @@ def _partial(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.jax_api
 def test_sigkill_during_save_then_resume_latest(tmp_path):
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
@@ -71,7 +70,6 @@ def test_sigkill_during_save_then_resume_latest(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.jax_api
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     args = _args(out, 10_000, "--checkpointing_steps=100000")

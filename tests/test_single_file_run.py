@@ -14,7 +14,7 @@ from sdjax import StableDiffusion
 from sdjax.cli import main
 from tests.conftest import DEMO_DATA
 
-pytestmark = [pytest.mark.jax_api, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def run_main(argv):

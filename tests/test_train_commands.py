@@ -53,19 +53,7 @@ def assert_diffusers_pipeline(folder):
 
 
 @pytest.mark.slow
-def test_naruto_train_data_dir(tiny_dir, tmp_path):
-    out = tmp_path / "sd-naruto-model"
-    code, printed = run_with_devices(f"--pretrained_model_name_or_path={tiny_dir} "
-                                     f"--train_data_dir={DEMO_DATA} {NARUTO} --output_dir={out}", 1)
-    assert code == 0, printed.err
-    assert "per-device batch 1, global batch 1, accumulation 4, effective batch 4" in printed.out
-    assert_diffusers_pipeline(str(out))
-    before, after = unet_weights(tiny_dir), unet_weights(str(out))
-    assert any(not np.array_equal(before[k], after[k]) for k in before)  # it trained
-    assert glob.glob(str(out / "logs" / "text2image-fine-tune" / "events.out.tfevents.*"))
-
-
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_naruto_dataset_name_and_flax_variant(tiny_dir, saved_dataset, tmp_path):
     out = tmp_path / "sd-naruto-model"
     code, printed = run_with_devices(f"--pretrained_model_name_or_path={tiny_dir} "
@@ -86,7 +74,8 @@ def test_naruto_dataset_name_and_flax_variant(tiny_dir, saved_dataset, tmp_path)
 
 
 @pytest.mark.slow
-def test_minecraft_sd2_checkpoints_resume_and_checkpoint_to_model(tiny_v_dir, saved_dataset, tmp_path):
+@pytest.mark.heavy
+def test_minecraft_sd2_checkpoints_and_checkpoint_to_model(tiny_v_dir, saved_dataset, tmp_path):
     """768 px: 9,216-token self-attention in the UNet's first level. Run on one device so that a
     micro-batch is one image, which keeps the attention matrices inside a CI machine's memory."""
     model_dir = tmp_path / "minecraft-model"
@@ -100,12 +89,8 @@ def test_minecraft_sd2_checkpoints_resume_and_checkpoint_to_model(tiny_v_dir, sa
     assert "prediction v_prediction" in printed.out
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["checkpoint_1", "checkpoint_2"]
     final = unet_weights(str(model_dir))
-
-    # The crash-recovery command: resume from the latest checkpoint and go on.
-    code, printed = run_with_devices(
-        f"{common} --max_train_steps=3 --resume_from_checkpoint latest", 1)
-    assert code == 0, printed.err
-    assert "training steps 2 -> 3" in printed.out
+    # (The seed's crash-recovery command, --resume_from_checkpoint latest, is tested at 64 px:
+    # test_preemption, test_checkpoint_branches.)
 
     # Turning checkpoint 1 into a model, the seed's way (the diffusers name checkpoint-N).
     code, printed = run_with_devices(
@@ -124,15 +109,19 @@ def test_minecraft_sd2_checkpoints_resume_and_checkpoint_to_model(tiny_v_dir, sa
 
 
 @pytest.mark.slow
-def test_zhihu_sd15_with_seed(tiny_dir, tmp_path):
-    code, printed = run_with_devices(
-        f"--pretrained_model_name_or_path={tiny_dir} --train_data_dir={DEMO_DATA} "
-        "--use_ema --resolution=512 --center_crop --random_flip --train_batch_size=1 "
-        "--gradient_accumulation_steps=4 --gradient_checkpointing --max_train_steps=1 "
-        "--learning_rate=1e-05 --max_grad_norm=1 --seed=42 --lr_scheduler=constant "
-        f"--lr_warmup_steps=0 --output_dir={tmp_path / 'sd-naruto-model'}", 1)
+def test_zhihu_sd15_with_seed_and_train_data_dir(tiny_dir, tmp_path):
+    """The zhihu seed's command: naruto's flags with a local folder (README's own-data
+    variant of the naruto command) and --seed."""
+    out = tmp_path / "sd-naruto-model"
+    code, printed = run_with_devices(f"--pretrained_model_name_or_path={tiny_dir} "
+                                     f"--train_data_dir={DEMO_DATA} {NARUTO} --seed=42 "
+                                     f"--output_dir={out}", 1)
     assert code == 0, printed.err
-    assert_diffusers_pipeline(str(tmp_path / "sd-naruto-model"))
+    assert "per-device batch 1, global batch 1, accumulation 4, effective batch 4" in printed.out
+    assert_diffusers_pipeline(str(out))
+    before, after = unet_weights(tiny_dir), unet_weights(str(out))
+    assert any(not np.array_equal(before[k], after[k]) for k in before)  # it trained
+    assert glob.glob(str(out / "logs" / "text2image-fine-tune" / "events.out.tfevents.*"))
 
 
 def test_pytorch_only_flags_are_accepted_with_a_note(tiny_dir, tmp_path, capsys):

@@ -173,15 +173,12 @@ def _demo_args(out, steps, extra=""):
 
 
 @pytest.mark.slow
-@pytest.mark.jax_api
 def test_deterministic_and_resume_is_exact(tmp_path, capsys):
     assert main(_demo_args(tmp_path / "a", 4, "--tracker_project_name=minecraft")) == 0
-    assert main(_demo_args(tmp_path / "b", 4)) == 0
-    a, b = unet_weights(str(tmp_path / "a")), unet_weights(str(tmp_path / "b"))
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key])
+    a = unet_weights(str(tmp_path / "a"))
 
-    # Stop after 2 steps, resume to 4: the same weights as the uninterrupted run.
+    # Another run with the same seed, stopped after 2 steps and resumed to 4: bit for bit the
+    # weights of the uninterrupted run (its first 2 steps repeat run a's: deterministic).
     assert main(_demo_args(tmp_path / "c", 2)) == 0
     assert main(_demo_args(tmp_path / "c", 4, "--resume_from_checkpoint latest")) == 0
     assert "training steps 2 -> 4" in capsys.readouterr().out
