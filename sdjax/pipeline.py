@@ -120,10 +120,18 @@ def build_models(configs: Mapping[str, dict], dtype=None, attention_implementati
     }
 
 
+_PARAM_SHAPES: dict = {}
+
+
 def param_shapes(module, component: str) -> dict:
-    """The parameter tree of `module` as ShapeDtypeStructs, computed without allocating."""
-    inputs = _dummy_inputs(component, module.config)
-    return jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+    """The parameter tree of `module` as ShapeDtypeStructs, computed without allocating.
+    Remembered per module (its repr names the class, config and every option): a run asks
+    several times for the same models' shapes, and tracing `init` takes about half a second."""
+    key = (component, repr(module))
+    if key not in _PARAM_SHAPES:
+        inputs = _dummy_inputs(component, module.config)
+        _PARAM_SHAPES[key] = jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+    return jax.tree_util.tree_map(lambda x: x, _PARAM_SHAPES[key])  # new containers, same leaves
 
 
 def count_params(tree) -> int:

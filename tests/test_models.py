@@ -24,6 +24,23 @@ def test_full_size_parameter_counts(name):
     assert {k: count_params(v) for k, v in sd.params.items()} == FULL_SIZE[name]
 
 
+def test_parameter_shapes_are_remembered_per_model(sd1, sd2):
+    """param_shapes keeps each model's shapes (a run asks several times): every model gets its
+    own, and each call returns its own containers."""
+    from sdjax.pipeline import param_shapes
+
+    def shapes(tree):
+        return jax.tree_util.tree_map(lambda x: (x.shape, jnp.dtype(x.dtype)), tree)
+
+    for sd in (sd1, sd2, sd1):
+        for component in ("unet", "vae", "text_encoder"):
+            got = param_shapes(getattr(sd, component), component)
+            assert shapes(got) == shapes(sd.params[component]), component
+    first, second = param_shapes(sd1.unet, "unet"), param_shapes(sd1.unet, "unet")
+    first.pop("conv_in")
+    assert "conv_in" in second and "conv_in" in param_shapes(sd1.unet, "unet")
+
+
 def test_shipped_configs_carry_their_differences():
     sd15 = StableDiffusion.from_config("sd15", init_params=False)
     sd21 = StableDiffusion.from_config("sd21", init_params=False)
