@@ -161,6 +161,7 @@ def test_bad_prompt_indices(sd):
 
 
 @pytest.mark.slow
+@pytest.mark.hosts
 def test_two_hosts(sd, made, tmp_path):
     """2 processes x 2 devices: the images of 1 process x 4 devices with the same seed. (a) One
     folder both share: each host writes its own files, together the set. (b) A folder per

@@ -16,6 +16,9 @@ from tests.conftest import DEMO_DATA, xla_flags
 from tests.tiny_torch import REPO
 
 
+pytestmark = pytest.mark.hosts
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
