@@ -75,7 +75,7 @@ def test_naruto_dataset_name_and_flax_variant(tiny_dir, saved_dataset, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.heavy
-def test_minecraft_sd2_checkpoints_and_checkpoint_to_model(tiny_v_dir, saved_dataset, tmp_path):
+def test_minecraft_sd2_checkpoints_resume_and_checkpoint_to_model(tiny_v_dir, saved_dataset, tmp_path):
     """768 px: 9,216-token self-attention in the UNet's first level. Run on one device so that a
     micro-batch is one image, which keeps the attention matrices inside a CI machine's memory."""
     model_dir = tmp_path / "minecraft-model"
@@ -89,8 +89,12 @@ def test_minecraft_sd2_checkpoints_and_checkpoint_to_model(tiny_v_dir, saved_dat
     assert "prediction v_prediction" in printed.out
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["checkpoint_1", "checkpoint_2"]
     final = unet_weights(str(model_dir))
-    # (The seed's crash-recovery command, --resume_from_checkpoint latest, is tested at 64 px:
-    # test_preemption, test_checkpoint_branches.)
+
+    # The crash-recovery command: resume from the latest checkpoint and go on.
+    code, printed = run_with_devices(
+        f"{common} --max_train_steps=3 --resume_from_checkpoint latest", 1)
+    assert code == 0, printed.err
+    assert "training steps 2 -> 3" in printed.out
 
     # Turning checkpoint 1 into a model, the seed's way (the diffusers name checkpoint-N).
     code, printed = run_with_devices(
