@@ -16,9 +16,11 @@ from sdjax.lora.training import targets_for
 
 
 def _peft_layers(model, names):
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
-    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=list(names)))
+    # peft itself, not transformers' `add_adapter`, whose peft version floor can run ahead of
+    # what the package index has.
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=list(names)), model)
     return {name[: -len(".lora_A")] for name, _ in model.named_modules()
             if name.endswith(".lora_A")}
 
@@ -98,8 +100,11 @@ def test_in_layer_adapters_equal_merged_kernels(sd1):
             return module.apply({"params": merge_adapters(base, a, scale)}, *args)
 
         def loss(apply):  # -> (loss, output), gradients: one compile per way
-            return jax.jit(jax.value_and_grad(lambda a: (jnp.mean(apply(a) ** 2), apply(a)),
-                                              has_aux=True))
+            def value(a):
+                out = apply(a)
+                return jnp.mean(out ** 2), out
+
+            return jax.jit(jax.value_and_grad(value, has_aux=True))
 
         plain = jax.jit(module.apply)({"params": base}, *args)  # (eager: op-by-op compiles)
         (_, got), g_in = loss(in_layer)(adapters)
