@@ -22,6 +22,7 @@ BENCHMARKS.md with the command and machine; bench/trainable_sets.py compares tra
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -35,13 +36,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sdjax import StableDiffusion  # noqa: E402
+from sdjax.config import TrainConfig  # noqa: E402
 from sdjax.parallel import batch_sharded, make_mesh, replicated  # noqa: E402
 from sdjax.pipeline import build_models  # noqa: E402
 from sdjax.schedule import NoiseSchedule  # noqa: E402
-from sdjax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
+from sdjax.train.optimizer import run_optimizer  # noqa: E402
 from sdjax.train.state import (adapter_variables, frozen_shardings, init_state,  # noqa: E402
                                merged_variables, place, split_params, state_shardings)
 from sdjax.train.step import LossConfig, make_loss_fn, make_train_step  # noqa: E402
+from sdjax.train.trainer import step_numbers  # noqa: E402
 
 
 def parse():
@@ -123,12 +126,12 @@ class PreparedStep:
 
     def timed_steps(self, state, frozen, data, steps: int):
         """One untimed step, then `steps` steps timed one by one -> (state, metrics, seconds)."""
-        state, metrics = self.compiled(state, frozen, data)
+        state, metrics = self.compiled(state, frozen, data, self.numbers)
         jax.block_until_ready(metrics)
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            state, metrics = self.compiled(state, frozen, data)
+            state, metrics = self.compiled(state, frozen, data, self.numbers)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t0)
         return state, metrics, times
@@ -191,15 +194,12 @@ def prepare_step(args, sd=None) -> PreparedStep:
         models_for_loss, variables = models, merged_variables
     loss_fn = make_loss_fn(models_for_loss["unet"], models_for_loss["vae"],
                            models_for_loss["text_encoder"], schedule, LossConfig(), variables)
-    # One schedule per trained component, as sdjax.train.trainer.learning_rates builds them.
-    schedules = {c: learning_rate_schedule("constant", 1e-5, 0, 1000) for c in trained}
-    tx = make_optimizer(schedules, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2,
-                        max_grad_norm=1.0)
-
-    def metrics_lr(step):
-        return {("lr" if c == "unet" else f"lr_{c}"): s(step) for c, s in schedules.items()}
-
-    base_step = make_train_step(loss_fn, tx, metrics_lr)
+    # The trainer's numbers: constant 1e-5, AdamW and clipping at diffusers' defaults, seed 0.
+    config = TrainConfig(learning_rate=1e-5, train_text_encoder=args.train_text_encoder)
+    numbers = step_numbers(config, 1000, jax.device_count())
+    optimizer = functools.partial(run_optimizer, config.lr_scheduler)
+    tx, _ = optimizer(numbers)
+    base_step = make_train_step(loss_fn, optimizer)
     use_ema = not args.no_ema
     mesh = make_mesh()
     devices = jax.device_count()
@@ -226,14 +226,13 @@ def prepare_step(args, sd=None) -> PreparedStep:
     frozen_sharding = frozen_shardings(mesh, frozen_abstract)
     state_abstract = jax.eval_shape(lambda p: init_state(p, tx, use_ema), trainable)
     shardings = state_shardings(mesh, state_abstract)
-    key = jax.random.key(0)
     # As the trainer jits it: state donated, everything replicated, the batch split over the
     # devices along its rows.
-    step = jax.jit(lambda s, f, b: base_step(s, f, b, key),
-                   in_shardings=(shardings, frozen_sharding, batch_sharded(mesh, 1)),
+    step = jax.jit(base_step,
+                   in_shardings=(shardings, frozen_sharding, batch_sharded(mesh, 1), replicated(mesh)),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
     t0 = time.perf_counter()
-    compiled = step.lower(state_abstract, frozen_abstract, batch).compile()
+    compiled = step.lower(state_abstract, frozen_abstract, batch, numbers).compile()
     result = {"trained": "+".join(trained), "rows_per_device": per_device, "ema": use_ema,
               "trained_parameters": sum(int(np.prod(x.shape))
                                         for x in jax.tree_util.tree_leaves(trainable)),
@@ -258,7 +257,9 @@ def prepare_step(args, sd=None) -> PreparedStep:
                                   "temporaries": memory.temp_size_in_bytes,
                                   "outputs": memory.output_size_in_bytes,
                                   "aliased": memory.alias_size_in_bytes, "peak_estimate": peak}
+    numbers = place(numbers, jax.tree_util.tree_map(lambda _: replicated(mesh), numbers))
     return PreparedStep(compiled=compiled, result=result, tx=tx, use_ema=use_ema, mesh=mesh,
+                        numbers=numbers,
                         shardings=shardings, trainable=trainable, frozen_host=frozen_host,
                         frozen_sharding=frozen_sharding, dtype=dtype, batch=batch, rows=n, k=k)
 

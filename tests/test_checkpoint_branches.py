@@ -15,7 +15,7 @@ from tests.test_train_loop import _error_line, unet_weights
 
 
 def _args(out, steps, *extra):
-    return [f"--pretrained_model_name_or_path=tiny", f"--train_data_dir={DEMO_DATA}",
+    return ["--pretrained_model_name_or_path=tiny", f"--train_data_dir={DEMO_DATA}",
             "--resolution=64", "--center_crop", "--train_batch_size=1", "--use_ema",
             "--learning_rate=1e-3", "--checkpointing_steps=2", "--logging_steps=1",
             f"--max_train_steps={steps}", "--seed=3", f"--output_dir={out}", *extra]

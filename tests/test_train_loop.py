@@ -40,7 +40,7 @@ def test_accumulated_micro_batches_equal_one_batch(tiny_sd):
     loss_fn = make_loss_fn(sd.unet, sd.vae, sd.text_encoder, schedule,
                            LossConfig(noise_offset=0.1, input_perturbation=0.1, snr_gamma=5.0))
     tx = optax.sgd(0.5)
-    step = jax.jit(make_train_step(loss_fn, tx, lambda count: {"lr": 0.5}))
+    step = jax.jit(make_train_step(loss_fn, lambda numbers: (tx, {"unet": lambda count: 0.5})))
     frozen = {"vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (4, 32, 32, 3), np.uint8)
@@ -50,7 +50,8 @@ def test_accumulated_micro_batches_equal_one_batch(tiny_sd):
     for k in (1, 2):
         batch = {"pixel_values": pixels.reshape(k, 4 // k, 32, 32, 3),
                  "input_ids": ids.reshape(k, 4 // k, 77)}
-        results[k] = step(state, frozen, batch, jax.random.key(0))
+        results[k] = step(state, frozen, batch,
+                          {"seed_key": jax.random.key_data(jax.random.key(0))})
     (ref_state, ref_metrics) = results[1]
     moved = max(float(jnp.abs(a - b).max()) for a, b in zip(
         jax.tree_util.tree_leaves(ref_state.params), jax.tree_util.tree_leaves(state.params)))

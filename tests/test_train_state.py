@@ -204,15 +204,13 @@ def test_the_step_keeps_an_ema_of_every_component_and_one_grad_norm():
 
     schedules = {"unet": lambda _: 0.05, "text_encoder": lambda _: 0.02}
     tx = make_optimizer(schedules, max_grad_norm=0.0, **ADAM)
-    step = jax.jit(make_train_step(loss_fn, tx, lambda s: {"lr": schedules["unet"](s),
-                                                           "lr_text_encoder": schedules[
-                                                               "text_encoder"](s)}))
+    step = jax.jit(make_train_step(loss_fn, lambda numbers: (tx, schedules)))
     state = init_state(toy_params(), tx, use_ema=True)
     ema = state.params
     batch = {"x": np.ones((1, 4, 2), np.float32)}
     for decay in (0.0, 2 / 11, 3 / 12):
         grads = jax.grad(loss_fn)(state.params, {}, {"x": batch["x"][0]}, None, 0)
-        state, metrics = step(state, {}, batch, jax.random.key(0))
+        state, metrics = step(state, {}, batch, {"seed_key": jax.random.key_data(jax.random.key(0))})
         flat = np.concatenate([g.ravel() for g in leaves(grads)])
         np.testing.assert_allclose(metrics["grad_norm"], np.linalg.norm(flat), rtol=1e-5)
         assert float(metrics["lr_text_encoder"]) == pytest.approx(0.02)
@@ -226,20 +224,58 @@ def test_the_step_keeps_an_ema_of_every_component_and_one_grad_norm():
 
 def test_text_encoder_lr_reaches_its_schedule():
     from sdjax.config import parse_train_args
-    from sdjax.train.trainer import learning_rates
+    from sdjax.train.optimizer import run_optimizer
+    from sdjax.train.trainer import step_numbers
 
     def rates(*flags):
         cfg, _ = parse_train_args(["--pretrained_model_name_or_path", "tiny", "--train_data_dir",
                                    DEMO_DATA, "--learning_rate", "1e-4",
                                    "--lr_scheduler", "constant", *flags])
         cfg.validate()
-        return {c: float(s(3)) for c, s in learning_rates(cfg, 10, 4).items()}
+        _, schedules = run_optimizer(cfg.lr_scheduler, step_numbers(cfg, 10, 4))
+        return {c: float(s(3)) for c, s in schedules.items()}
 
     assert rates() == {"unet": pytest.approx(1e-4)}
     assert rates("--train_text_encoder") == {"unet": pytest.approx(1e-4),
                                              "text_encoder": pytest.approx(1e-4)}
     assert rates("--train_text_encoder", "--text_encoder_lr", "5e-6") == {
         "unet": pytest.approx(1e-4), "text_encoder": pytest.approx(5e-6)}
+
+
+def test_the_run_numbers_are_arguments_of_one_program(tiny):
+    """Two runs that differ in seed, learning rates, warmup, length, clipping and AdamW's
+    settings lower to the same program (so the second reuses the first's compiled step from the
+    persistent cache); their numbers reach the step as its last argument."""
+    from sdjax.config import parse_train_args
+    from sdjax.parallel import make_mesh
+    from sdjax.train.fit import _with_shardings, abstract_batch
+    from sdjax.train.trainer import step_program
+
+    def lowered(*flags):
+        cfg, _ = parse_train_args(["--pretrained_model_name_or_path", "tiny", "--train_data_dir",
+                                   DEMO_DATA, "--resolution", "32", "--train_text_encoder",
+                                   "--lr_scheduler", "cosine", *flags])
+        cfg.validate()
+        mesh = make_mesh()
+        program = step_program(cfg, tiny, mesh, cfg.max_train_steps, False, False)
+        state = _with_shardings(program.abstract_state, program.shardings)
+        frozen = _with_shardings(program.frozen, program.frozen_sharding)
+        text = program.step_fn.lower(state, frozen, abstract_batch(cfg, tiny, mesh),
+                                     program.numbers).as_text()
+        return text, program.numbers
+
+    first, numbers = lowered("--max_train_steps", "10")
+    second, other = lowered("--max_train_steps", "30", "--seed", "9", "--learning_rate", "3e-4",
+                            "--text_encoder_lr", "7e-6", "--lr_warmup_steps", "4",
+                            "--max_grad_norm", "0", "--adam_beta1", "0.8", "--adam_beta2", "0.98",
+                            "--adam_epsilon", "1e-6", "--adam_weight_decay", "0.1")
+    assert first == second
+    assert other["learning_rate"] == {"unet": np.float32(3e-4), "text_encoder": np.float32(7e-6)}
+    assert (other["lr_total_steps"], other["lr_warmup_steps"], other["max_grad_norm"]) == (30, 4, 0)
+    assert not np.array_equal(numbers["seed_key"], other["seed_key"])
+    assert (other["adam_beta1"], other["adam_weight_decay"]) == (np.float32(0.8), np.float32(0.1))
+    # What does shape the program still does (a constant scheduler has no cosine).
+    assert lowered("--max_train_steps", "10", "--lr_scheduler", "constant")[0] != first
 
 
 # --- 3. runs that train the text encoder, through the command line ---------------------------

@@ -139,8 +139,8 @@ def _with_shardings(tree, shardings):
 
 @dataclasses.dataclass(frozen=True)
 class StepFacts:
-    """What shapes the step besides the config: the schedule length (its constants are in the
-    program) and what the batch brings instead of the VAE / the frozen text encoder."""
+    """What the step needs besides the config: the schedule length (a number the step takes,
+    not a constant) and what the batch brings instead of the VAE / the frozen text encoder."""
     max_steps: int
     cached_latents: bool
     text_embeddings: bool
@@ -176,7 +176,7 @@ def compile_step(cfg, sd, mesh: Mesh, strategy: str, facts: StepFacts) -> dict:
     layout = {"strategy": strategy if fsdp > 1 else "replicated", "fsdp": fsdp,
               "data": mesh.devices.size // fsdp}
     try:
-        compiled = program.step_fn.lower(state, frozen, batch).compile()
+        compiled = program.step_fn.lower(state, frozen, batch, program.numbers).compile()
     except Exception as e:  # the TPU compiler refuses a program that cannot fit its HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

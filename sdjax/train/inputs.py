@@ -4,10 +4,8 @@ the base model loaded, and this host's loader (from the latent cache when asked)
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax
-import numpy as np
 
 from sdjax import storage
 from sdjax.config import TrainConfig

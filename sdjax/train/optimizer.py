@@ -9,31 +9,34 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sdjax.config import LR_SCHEDULERS
 
-def learning_rate_schedule(name: str, peak: float, warmup_steps: int, total_steps: int):
+
+def learning_rate_schedule(name: str, peak, warmup_steps, total_steps):
     """diffusers' `get_scheduler` shapes, as a function of the optimizer step count.
 
     constant: peak throughout (warmup ignored, as in diffusers); constant_with_warmup: linear
     0 -> peak over warmup_steps; linear / cosine: that warmup, then down to 0 at total_steps.
+    The numbers may be traced (the step takes them as arguments: `run_optimizer`).
     """
-    warmup = max(0, int(warmup_steps))
-    total = max(1, int(total_steps))
+    if name not in LR_SCHEDULERS:
+        raise ValueError(f"unknown lr scheduler {name!r}")
 
     def schedule(count):
         count = jnp.asarray(count, jnp.float32)
-        ramp = jnp.minimum(1.0, count / max(1, warmup)) if warmup else 1.0
-        progress = jnp.clip((count - warmup) / max(1, total - warmup), 0.0, 1.0)
+        warmup = jnp.maximum(jnp.asarray(warmup_steps, jnp.float32), 0.0)
+        total = jnp.maximum(jnp.asarray(total_steps, jnp.float32), 1.0)
+        ramp = jnp.where(warmup > 0, jnp.minimum(1.0, count / jnp.maximum(warmup, 1.0)), 1.0)
+        progress = jnp.clip((count - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
         if name == "constant":
             factor = jnp.ones_like(count)
         elif name == "constant_with_warmup":
             factor = ramp
         elif name == "linear":
             factor = jnp.where(count < warmup, ramp, 1.0 - progress)
-        elif name == "cosine":
+        else:  # cosine
             factor = jnp.where(count < warmup, ramp, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
-        else:
-            raise ValueError(f"unknown lr scheduler {name!r}")
-        return peak * factor
+        return jnp.asarray(peak, jnp.float32) * factor
 
     return schedule
 
@@ -50,11 +53,28 @@ def make_optimizer(schedules: Mapping[str, Callable], *, beta1: float, beta2: fl
     `optax.partition`. `schedules` maps each trained component to its learning-rate schedule."""
     # Clipping stays in the chain when off (an infinite norm), so that the optimizer state has
     # one structure and a checkpoint resumes whatever --max_grad_norm the new run gives.
-    limit = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
+    limit = jnp.where(jnp.asarray(max_grad_norm, jnp.float32) > 0, max_grad_norm, jnp.inf)
     per_component = {c: optax.adamw(s, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay)
                      for c, s in schedules.items()}
     return optax.chain(optax.clip_by_global_norm(limit),
                        optax.partition(per_component, component_labels))
+
+
+def run_optimizer(scheduler: str, numbers: Mapping) -> tuple:
+    """(optimizer, {component: learning-rate schedule}) from the run's numbers
+    (`sdjax.train.trainer.step_numbers`), which the jitted step takes as an argument rather
+    than as constants: a run resumed with another learning rate, warmup, length or clipping,
+    or a sweep over them, runs the step it compiled before (the persistent compilation cache),
+    where a TPU would compile a full-size step for minutes. The optimizer state's structure
+    does not depend on them (a schedule is always a function), so checkpoints resume across
+    them."""
+    schedules = {c: learning_rate_schedule(scheduler, peak, numbers["lr_warmup_steps"],
+                                           numbers["lr_total_steps"])
+                 for c, peak in numbers["learning_rate"].items()}
+    tx = make_optimizer(schedules, beta1=numbers["adam_beta1"], beta2=numbers["adam_beta2"],
+                        eps=numbers["adam_epsilon"], weight_decay=numbers["adam_weight_decay"],
+                        max_grad_norm=numbers["max_grad_norm"])
+    return tx, schedules
 
 
 def ema_decay(optimizer_steps, max_decay: float = 0.9999):

@@ -1,11 +1,13 @@
 """The pure, jitted update step.
 
-`train_step(state, frozen, batch, key) -> (state, metrics)`: `state` is a `TrainState` whose
+`train_step(state, frozen, batch, numbers) -> (state, metrics)`: `state` is a `TrainState` whose
 params are the trainable set (a dict keyed by component); `frozen` holds the other components
 (never donated; the VAE is absent when training from the latent cache, the text encoder when its
 embeddings come with the batch). The loss sees the models' variables made from both
 (`merged_variables`: `{**frozen, **trainable}`; LoRA: the adapters beside the frozen base) and
-differentiates the trainable part only.
+differentiates the trainable part only. `numbers` are the run's seed and optimizer settings
+(`sdjax.train.trainer.step_numbers`): arguments, not constants, so that changing them does not
+change the program.
 
 Batch arrays are shaped (k micro-batches, global rows, ...): pixel_values (uint8 (H, W, 3) as
 decoded: made [-1, 1] here, on the device, and encoded channels-last) or the cached
@@ -106,9 +108,13 @@ def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: 
     return loss_fn
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, learning_rates: Callable):
-    """`learning_rates(step)` -> the metrics naming each learning rate (e.g. lr, lr_text_encoder)."""
-    def train_step(state: TrainState, frozen, batch, key):
+def make_train_step(loss_fn: Callable, optimizer: Callable):
+    """`optimizer(numbers)` -> (optax transformation, {component: learning-rate schedule})
+    (`sdjax.train.optimizer.run_optimizer`); the metrics name the rates lr (the UNet's) and
+    lr_<component>. `numbers["seed_key"]` is the run key's data (`jax.random.key_data`)."""
+    def train_step(state: TrainState, frozen, batch, numbers):
+        tx, schedules = optimizer(numbers)
+        key = jax.random.wrap_key_data(numbers["seed_key"])
         k, rows = jax.tree_util.tree_leaves(batch)[0].shape[:2]
         step_key = jax.random.fold_in(key, state.step)
 
@@ -138,7 +144,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, learnin
             decay = ema_decay(state.step + 1)
             ema = jax.tree_util.tree_map(lambda e, p: e - (1.0 - decay) * (e - p), ema, params)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                   **learning_rates(state.step)}
+                   **{("lr" if c == "unet" else f"lr_{c}"): schedule(state.step)
+                      for c, schedule in schedules.items()}}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
     return train_step

@@ -43,7 +43,8 @@ class StepLoop:
         try:
             for step in range(start_step, max_steps):
                 batch = next(batches)
-                state, metrics = self._program(state, batch)(state, self.trainer.frozen, batch)
+                state, metrics = self._program(state, batch)(state, self.trainer.frozen, batch,
+                                                             self.trainer.numbers)
                 self._window = (self._window[0], self._window[1] + 1)
                 done = step + 1
                 log_now = done % self.logging_steps == 0 or done == max_steps
@@ -76,8 +77,8 @@ class StepLoop:
         shape = batch_key(batch)
         if shape not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[shape] = self.trainer.step_fn.lower(state, self.trainer.frozen,
-                                                               batch).compile()
+            self._compiled[shape] = self.trainer.step_fn.lower(
+                state, self.trainer.frozen, batch, self.trainer.numbers).compile()
             if self.is_main:
                 if "pixel_values" in batch:  # (k, rows, H, W, 3)
                     what, (height, width) = "images", batch["pixel_values"].shape[-3:-1]

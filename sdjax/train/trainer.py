@@ -4,6 +4,7 @@ train state and the frozen set placed on the devices, and the jitted step."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -15,7 +16,7 @@ from sdjax.config import TrainConfig
 from sdjax.models.attention import device_platform
 from sdjax.parallel import batch_sharded, mesh_context, replicated
 from sdjax.schedule import NoiseSchedule
-from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
+from sdjax.train.optimizer import run_optimizer
 from sdjax.train.state import (TrainState, adapter_variables, frozen_shardings, init_state,
                                merged_variables, place, split_params, state_shardings,
                                trained_weights)
@@ -28,7 +29,9 @@ class Trainer:
     schedule: NoiseSchedule
     state: TrainState           # on the devices
     frozen: dict                # what the step reads and does not train, on the devices
-    step_fn: Callable           # jitted (state, frozen, batch) -> (state, metrics); donates state
+    step_fn: Callable           # jitted (state, frozen, batch, numbers) -> (state, metrics);
+                                # donates state
+    numbers: dict               # the run's numbers the step takes (`step_numbers`), placed
     layout: dict                # what the checkpoints hold (sdjax.checkpoints.state_layout)
     _sd: object
     _mesh: object
@@ -73,15 +76,22 @@ def _cast(tree, dtype):
     return jax.tree_util.tree_map(cast, tree)
 
 
-def learning_rates(cfg: TrainConfig, max_steps: int, devices: int) -> dict:
-    """Each trained component's learning-rate schedule (--text_encoder_lr defaults to
-    --learning_rate, as in diffusers)."""
+def step_numbers(cfg: TrainConfig, max_steps: int, devices: int) -> dict:
+    """The run's numbers the step takes as an argument (`sdjax.train.optimizer.run_optimizer`):
+    the seed's key, each trained component's peak learning rate (--text_encoder_lr defaults to
+    --learning_rate, as in diffusers; --scale_lr multiplies both), the schedule's warmup and
+    length, AdamW's and clipping's settings. Host arrays, the same on every host."""
     scale = cfg.gradient_accumulation_steps * cfg.train_batch_size * devices if cfg.scale_lr else 1
     peaks = {"unet": cfg.learning_rate}
     if cfg.train_text_encoder:
         peaks["text_encoder"] = cfg.text_encoder_lr or cfg.learning_rate
-    return {c: learning_rate_schedule(cfg.lr_scheduler, peak * scale, cfg.lr_warmup_steps,
-                                      max_steps) for c, peak in peaks.items()}
+    f32 = np.float32
+    return {"seed_key": np.asarray(jax.random.key_data(jax.random.key(cfg.run_seed))),
+            "learning_rate": {c: f32(peak * scale) for c, peak in peaks.items()},
+            "lr_warmup_steps": f32(cfg.lr_warmup_steps), "lr_total_steps": f32(max_steps),
+            "adam_beta1": f32(cfg.adam_beta1), "adam_beta2": f32(cfg.adam_beta2),
+            "adam_epsilon": f32(cfg.adam_epsilon), "adam_weight_decay": f32(cfg.adam_weight_decay),
+            "max_grad_norm": f32(cfg.max_grad_norm or 0.0)}
 
 
 @dataclasses.dataclass
@@ -96,7 +106,8 @@ class StepProgram:
     shardings: TrainState       # of every state leaf
     frozen_sharding: dict
     abstract_state: TrainState
-    step_fn: Callable
+    step_fn: Callable           # jitted (state, frozen, batch, numbers) -> (state, metrics)
+    numbers: dict               # its last argument (`step_numbers`), host arrays
     layout: dict
     lora: Optional[object]
     strategy: str
@@ -109,10 +120,9 @@ def step_program(cfg: TrainConfig, sd, mesh, max_steps: int, cached_latents: boo
     from sdjax.pipeline import build_models
 
     dtype = jnp.dtype(cfg.compute_dtype_name)
-    schedules = learning_rates(cfg, max_steps, mesh.devices.size)
-    tx = make_optimizer(schedules, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2,
-                        eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay,
-                        max_grad_norm=cfg.max_grad_norm)
+    numbers = step_numbers(cfg, max_steps, mesh.devices.size)
+    optimizer = functools.partial(run_optimizer, cfg.lr_scheduler)
+    tx, _ = optimizer(numbers)  # for the state's structure, which the numbers do not change
     # "auto" attention for the devices the step is compiled for (a TPU topology's under
     # --compile_only on another machine).
     platform = device_platform(mesh.devices.flat[0])
@@ -134,10 +144,7 @@ def step_program(cfg: TrainConfig, sd, mesh, max_steps: int, cached_latents: boo
                            schedule, LossConfig(cfg.effective_noise_offset, cfg.input_perturbation,
                                                 cfg.snr_gamma, cfg.prior_loss_weight), variables)
 
-    def metrics_lr(step):
-        return {("lr" if c == "unet" else f"lr_{c}"): s(step) for c, s in schedules.items()}
-
-    base_step = make_train_step(loss_fn, tx, metrics_lr)
+    base_step = make_train_step(loss_fn, optimizer)
     # What the batch brings instead: cached latents (no VAE), cached or pre-computed text
     # embeddings (no text encoder).
     if cached_latents:
@@ -150,19 +157,19 @@ def step_program(cfg: TrainConfig, sd, mesh, max_steps: int, cached_latents: boo
     use_ema = cfg.use_ema
     abstract = jax.eval_shape(lambda p: init_state(p, tx, use_ema), _shapes(trainable))
     shardings = state_shardings(mesh, abstract, strategy)
-    key = jax.random.key(cfg.run_seed)
 
-    def step(s, f, b):
+    def step(s, f, b, n):
         with mesh_context(mesh):  # the flash attention kernel runs per batch shard
-            return base_step(s, f, b, key)
+            return base_step(s, f, b, n)
 
     step_fn = jax.jit(step,
-                      in_shardings=(shardings, frozen_sharding, batch_sharded(mesh, 1)),
+                      in_shardings=(shardings, frozen_sharding, batch_sharded(mesh, 1),
+                                    replicated(mesh)),
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
     layout = state_layout(cfg.trained_components, cfg.use_ema,
                           lora.layout if lora is not None else None)
     return StepProgram(models, schedule, tx, trainable, frozen, shardings, frozen_sharding,
-                       abstract, step_fn, layout, lora, strategy)
+                       abstract, step_fn, numbers, layout, lora, strategy)
 
 
 def _shapes(tree):
@@ -176,6 +183,8 @@ def build_trainer(cfg: TrainConfig, sd, loader, mesh, max_steps: int) -> Trainer
     tx, use_ema = program.tx, cfg.use_ema
     state = jax.jit(lambda p: init_state(p, tx, use_ema), out_shardings=program.shardings)(
         place(program.trainable, program.shardings.params))
-    return Trainer(program.models, program.schedule, state, frozen, program.step_fn,
+    numbers = place(program.numbers, jax.tree_util.tree_map(lambda _: replicated(mesh),
+                                                            program.numbers))
+    return Trainer(program.models, program.schedule, state, frozen, program.step_fn, numbers,
                    program.layout, sd, mesh, use_ema, lora=program.lora,
                    _strategy=program.strategy)
