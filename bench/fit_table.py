@@ -40,6 +40,8 @@ ROWS = {
                           f"{SD15} {REMAT} --train_batch_size 8 --sharding zero3 --topology v5e-8"),
     "sd15_v5e_b16_zero3": ("text_to_image", "SD 1.5 full, 512 px, batch 16",
                            f"{SD15} {REMAT} --train_batch_size 16 --sharding zero3 --topology v5e-8"),
+    "sd15_v5e_b8_zero3_noremat": ("text_to_image", "SD 1.5 full, 512 px, batch 8, no remat",
+                                  f"{SD15} --train_batch_size 8 --sharding zero3 --topology v5e-8"),
     "sd15_v5e_b4_zero1_noremat": ("text_to_image", "SD 1.5 full, 512 px, batch 4, no remat",
                                   f"{SD15} --train_batch_size 4 --sharding zero1 --topology v5e-8"),
     "sd15_v5e_b4_zero1_dots": ("text_to_image", "SD 1.5 full, 512 px, batch 4, policy dense, "
