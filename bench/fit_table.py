@@ -5,6 +5,7 @@ row, then one markdown table from the compile_report.json files.
     python bench/fit_table.py --out /tmp/fit                 # every row (hours on 2 cores)
     python bench/fit_table.py --out /tmp/fit --rows sd15_v5e_b4_zero1 lora_sd15_v2_b1
     python bench/fit_table.py --out /tmp/fit --table_only     # the table from what is there
+    python bench/fit_table.py --out /tmp/fit --recount_flops  # FLOPs by tracing only, then table
 
 A row whose report exists is not compiled again. Each full-size compile takes 10-40 minutes on a
 2-core machine (a few on 16 cores); rows run one after the other.
@@ -50,13 +51,19 @@ ROWS = {
                                f"--topology v5e-8 --gradient_checkpointing_policy dense {XLA}"),
     "sd15_v3_b4_zero1": ("text_to_image", "SD 1.5 full, 512 px, batch 4",
                          f"{SD15} {REMAT} --train_batch_size 4 --sharding zero1 --topology v3-8"),
+    "sd15_v3_b8_zero3": ("text_to_image", "SD 1.5 full, 512 px, batch 8",
+                         f"{SD15} {REMAT} --train_batch_size 8 --sharding zero3 --topology v3-8"),
     "sd21_v5e_b1_zero1": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 1, XLA attention",
                           f"{SD21} {REMAT} --train_batch_size 1 --sharding zero1 --topology v5e-8 "
                           f"{XLA}"),
     "sd21_v4_b1_repl": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 1",
                         f"{SD21} {REMAT} --train_batch_size 1 --sharding replicated --topology v4-8"),
+    "sd21_v5e_b4_zero3": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 4",
+                          f"{SD21} {REMAT} --train_batch_size 4 --sharding zero3 --topology v5e-8"),
     "lora_sd15_v2_b1": ("text_to_image_lora", "SD 1.5 LoRA r4, 512 px, batch 1",
                         f"{SD15} {REMAT} --train_batch_size 1 --sharding replicated --topology v2-8"),
+    "lora_sd15_v2_b4": ("text_to_image_lora", "SD 1.5 LoRA r4, 512 px, batch 4",
+                        f"{SD15} {REMAT} --train_batch_size 4 --sharding replicated --topology v2-8"),
 }
 COMMON = "--train_data_dir configs/demo_data --mixed_precision bf16 --use_ema --compile_only"
 
@@ -73,6 +80,32 @@ def compile_row(name: str, out: str) -> None:
     with open(os.path.join(folder, "log.txt"), "w") as log:
         code = subprocess.call(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     print(f"{name}: exit {code} after {time.time() - t0:.0f} s", flush=True)
+
+
+def recount_flops(out: str, rows: list) -> None:
+    """Prints each row's FLOPs per image as `sdjax.train.fit.step_flops` counts them (the step
+    traced for one CPU device: no TPU compile, minutes for every row) and rewrites the reports
+    there, written before the check counted that way."""
+    sys.path.insert(0, REPO)
+    from sdjax.config import parse_train_args
+    from sdjax.train.fit import StepFacts, shapes_pipeline, step_flops, topology_devices
+
+    for name in rows:
+        command, _, flags = ROWS[name]
+        cfg, _ = parse_train_args([*COMMON.split(), *flags.split(), "--output_dir",
+                                   os.path.join(out, name)], task=command)
+        devices = len(topology_devices(cfg.topology)[1])
+        images = (cfg.train_batch_size * devices * cfg.gradient_accumulation_steps
+                  * (2 if cfg.prior_preservation else 1))
+        flops = step_flops(cfg, shapes_pipeline(cfg), StepFacts.of_config(cfg), devices)
+        path = os.path.join(out, name, "compile_report.json")
+        report = json.load(open(path)) if os.path.exists(path) else None
+        before = f"{report['flops_per_image'] / 1e12:.2f} -> " if report else ""
+        print(f"{name}: {before}{flops / images / 1e12:.2f} TFLOP per image", flush=True)
+        if report and report.get("per_device_bytes"):
+            report.update(flops_per_step=flops, flops_per_image=flops / images)
+            with open(path, "w") as f:
+                f.write(json.dumps(report, indent=2) + "\n")
 
 
 def table(out: str) -> str:
@@ -108,8 +141,12 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="a folder for one sub-folder per row")
     parser.add_argument("--rows", nargs="*", choices=sorted(ROWS), help="default: every row")
     parser.add_argument("--table_only", action="store_true")
+    parser.add_argument("--recount_flops", action="store_true",
+                        help="recount the FLOPs of the reports there (no compile), then the table")
     args = parser.parse_args()
-    if not args.table_only:
+    if args.recount_flops:
+        recount_flops(args.out, args.rows or list(ROWS))
+    elif not args.table_only:
         for name in args.rows or ROWS:
             compile_row(name, args.out)
     print(table(args.out))

@@ -199,7 +199,8 @@ def prepare_step(args, sd=None) -> PreparedStep:
     numbers = step_numbers(config, 1000, jax.device_count())
     optimizer = functools.partial(run_optimizer, config.lr_scheduler)
     tx, _ = optimizer(numbers)
-    base_step = make_train_step(loss_fn, optimizer)
+    base_step = make_train_step(loss_fn, optimizer,
+                                unroll_accumulation=jax.default_backend() == "cpu")
     use_ema = not args.no_ema
     mesh = make_mesh()
     devices = jax.device_count()

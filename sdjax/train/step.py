@@ -108,10 +108,13 @@ def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: 
     return loss_fn
 
 
-def make_train_step(loss_fn: Callable, optimizer: Callable):
+def make_train_step(loss_fn: Callable, optimizer: Callable, unroll_accumulation: bool = False):
     """`optimizer(numbers)` -> (optax transformation, {component: learning-rate schedule})
     (`sdjax.train.optimizer.run_optimizer`); the metrics name the rates lr (the UNet's) and
-    lr_<component>. `numbers["seed_key"]` is the run key's data (`jax.random.key_data`)."""
+    lr_<component>. `numbers["seed_key"]` is the run key's data (`jax.random.key_data`).
+    `unroll_accumulation`: micro-batches unrolled rather than a loop (for CPU devices, see
+    below; decided by the devices compiled for, not the host: a TPU slice compiled on a CPU
+    machine gets the TPU's loop)."""
     def train_step(state: TrainState, frozen, batch, numbers):
         tx, schedules = optimizer(numbers)
         key = jax.random.wrap_key_data(numbers["seed_key"])
@@ -133,8 +136,7 @@ def make_train_step(loss_fn: Callable, optimizer: Callable):
             zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
             # Unrolled on CPU for the same reason as above; a loop elsewhere (compile time).
             (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)),
-                                            (jnp.arange(k), batch),
-                                            unroll=jax.default_backend() == "cpu")
+                                            (jnp.arange(k), batch), unroll=unroll_accumulation)
             grads = jax.tree_util.tree_map(lambda g: g / k, grads)
             loss = loss / k
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -144,7 +144,7 @@ def step_program(cfg: TrainConfig, sd, mesh, max_steps: int, cached_latents: boo
                            schedule, LossConfig(cfg.effective_noise_offset, cfg.input_perturbation,
                                                 cfg.snr_gamma, cfg.prior_loss_weight), variables)
 
-    base_step = make_train_step(loss_fn, optimizer)
+    base_step = make_train_step(loss_fn, optimizer, unroll_accumulation=platform == "cpu")
     # What the batch brings instead: cached latents (no VAE), cached or pre-computed text
     # embeddings (no text encoder).
     if cached_latents:
