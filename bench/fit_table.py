@@ -87,13 +87,15 @@ def recount_flops(out: str, rows: list) -> None:
     traced for one CPU device: no TPU compile, minutes for every row) and rewrites the reports
     there, written before the check counted that way."""
     sys.path.insert(0, REPO)
+    from sdjax.cli import TRAIN_COMMANDS
     from sdjax.config import parse_train_args
     from sdjax.train.fit import StepFacts, shapes_pipeline, step_flops, topology_devices
 
     for name in rows:
         command, _, flags = ROWS[name]
         cfg, _ = parse_train_args([*COMMON.split(), *flags.split(), "--output_dir",
-                                   os.path.join(out, name)], task=command)
+                                   os.path.join(out, name)], task=TRAIN_COMMANDS[command],
+                                  lora=command.endswith("_lora"))
         devices = len(topology_devices(cfg.topology)[1])
         images = (cfg.train_batch_size * devices * cfg.gradient_accumulation_steps
                   * (2 if cfg.prior_preservation else 1))
