@@ -132,3 +132,45 @@ def test_explicit_layouts_are_tried_alone():
     assert candidate_layouts(cfg(sharding="zero1"), 8) == [("zero1", 8)]
     assert candidate_layouts(cfg(fsdp=4), 8) == [("zero3", 4)]
     assert candidate_layouts(cfg(), 8) == [("replicated", 1), ("zero1", 8), ("zero3", 8)]
+
+
+def _scan_unrolls(jaxpr) -> list:
+    """The `unroll` of every scan in a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            found.append(eqn.params["unroll"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    found += _scan_unrolls(inner if hasattr(inner, "eqns") else inner.jaxpr)
+    return found
+
+
+def test_micro_batches_loop_on_a_tpu_and_unroll_on_a_cpu():
+    """The accumulation loop is unrolled for CPU devices only (XLA:CPU runs convolutions in a loop
+    body slowly): a TPU slice's step, compiled on this CPU machine, keeps the loop its own host
+    would compile, so the check measures that program."""
+    import jax
+
+    from sdjax.config import parse_train_args
+    from sdjax.train.fit import (_with_shardings, abstract_batch, shapes_pipeline,
+                                 topology_devices, topology_mesh)
+    from sdjax.train.trainer import step_program
+
+    cfg, _ = parse_train_args(["--pretrained_model_name_or_path=tiny",
+                               f"--train_data_dir={DEMO_DATA}", "--output_dir=unused",
+                               "--resolution=32", "--train_batch_size=1",
+                               "--gradient_accumulation_steps=2"], task="text_to_image")
+    sd = shapes_pipeline(cfg)
+    unrolls = {}
+    for platform, devices in (("tpu", topology_devices("v5e-8")[1]), ("cpu", jax.devices())):
+        mesh = topology_mesh(devices, 1)
+        program = step_program(cfg, sd, mesh, 10, False, False)
+        traced = program.step_fn.trace(
+            _with_shardings(program.abstract_state, program.shardings),
+            _with_shardings(program.frozen, program.frozen_sharding),
+            abstract_batch(cfg, sd, mesh), program.numbers)
+        unrolls[platform] = _scan_unrolls(traced.jaxpr.jaxpr)
+    assert unrolls == {"tpu": [1], "cpu": [2]}
