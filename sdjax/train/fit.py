@@ -208,8 +208,8 @@ def step_flops(cfg, sd, facts: StepFacts, devices: int) -> Optional[float]:
     the figure is the step's arithmetic, remat's recomputation included, whatever the layout
     or chip. The compiled program's own analysis is not: XLA counts a loop's body once, and the
     TPU partitioner turns ZeRO-3's gathered convolutions and matmuls into windowed loops over
-    the shards (SD 1.5 read 2.3 instead of 3.7 TFLOP per image), a scan over micro-batches
-    likewise, and a Pallas kernel not at all. None where JAX has no CPU backend."""
+    the shards (SD 1.5 read 2.3 TFLOP per image under ZeRO-3 instead of 4.0), a scan over
+    micro-batches likewise, and a Pallas kernel not at all. None where JAX has no CPU backend."""
     from sdjax.train.trainer import step_program
 
     try:
