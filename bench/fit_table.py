@@ -89,7 +89,8 @@ def recount_flops(out: str, rows: list) -> None:
     sys.path.insert(0, REPO)
     from sdjax.cli import TRAIN_COMMANDS
     from sdjax.config import parse_train_args
-    from sdjax.train.fit import StepFacts, shapes_pipeline, step_flops, topology_devices
+    from sdjax.train.fit import (StepFacts, images_per_step, shapes_pipeline, step_flops,
+                                 topology_devices)
 
     for name in rows:
         command, _, flags = ROWS[name]
@@ -97,8 +98,7 @@ def recount_flops(out: str, rows: list) -> None:
                                    os.path.join(out, name)], task=TRAIN_COMMANDS[command],
                                   lora=command.endswith("_lora"))
         devices = len(topology_devices(cfg.topology)[1])
-        images = (cfg.train_batch_size * devices * cfg.gradient_accumulation_steps
-                  * (2 if cfg.prior_preservation else 1))
+        images = images_per_step(cfg, devices)
         flops = step_flops(cfg, shapes_pipeline(cfg), StepFacts.of_config(cfg), devices)
         path = os.path.join(out, name, "compile_report.json")
         report = json.load(open(path)) if os.path.exists(path) else None

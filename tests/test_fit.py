@@ -155,8 +155,7 @@ def test_micro_batches_loop_on_a_tpu_and_unroll_on_a_cpu():
     import jax
 
     from sdjax.config import parse_train_args
-    from sdjax.train.fit import (_with_shardings, abstract_batch, shapes_pipeline,
-                                 topology_devices, topology_mesh)
+    from sdjax.train.fit import shapes_pipeline, step_arguments, topology_devices, topology_mesh
     from sdjax.train.trainer import step_program
 
     cfg, _ = parse_train_args(["--pretrained_model_name_or_path=tiny",
@@ -168,9 +167,6 @@ def test_micro_batches_loop_on_a_tpu_and_unroll_on_a_cpu():
     for platform, devices in (("tpu", topology_devices("v5e-8")[1]), ("cpu", jax.devices())):
         mesh = topology_mesh(devices, 1)
         program = step_program(cfg, sd, mesh, 10, False, False)
-        traced = program.step_fn.trace(
-            _with_shardings(program.abstract_state, program.shardings),
-            _with_shardings(program.frozen, program.frozen_sharding),
-            abstract_batch(cfg, sd, mesh), program.numbers)
+        traced = program.step_fn.trace(*step_arguments(program, cfg, sd, mesh))
         unrolls[platform] = _scan_unrolls(traced.jaxpr.jaxpr)
     assert unrolls == {"tpu": [1], "cpu": [2]}

@@ -158,6 +158,20 @@ def topology_mesh(devices: list, fsdp: int) -> Mesh:
     return Mesh(np.asarray(devices).reshape(-1, fsdp), (DATA_AXIS, FSDP_AXIS))
 
 
+def step_arguments(program, run, sd, mesh: Mesh) -> tuple:
+    """The abstract (state, frozen, batch, numbers) of `program` (`step_program(run, sd, mesh,
+    ...)`), with their shardings: what its `step_fn` lowers for."""
+    return (_with_shardings(program.abstract_state, program.shardings),
+            _with_shardings(program.frozen, program.frozen_sharding),
+            abstract_batch(run, sd, mesh), program.numbers)
+
+
+def images_per_step(cfg, devices: int) -> int:
+    """Rows of one optimizer step over `devices` (every micro-batch; class images included)."""
+    return (cfg.train_batch_size * devices * cfg.gradient_accumulation_steps
+            * (2 if cfg.prior_preservation else 1))
+
+
 def compile_step(cfg, sd, mesh: Mesh, strategy: str, facts: StepFacts) -> dict:
     """Compiles the run's step on `mesh` with the state laid out by `strategy` over its fsdp
     axis; -> the per-device bytes, FLOPs and compile time, and the executable ("compiled",
@@ -169,14 +183,13 @@ def compile_step(cfg, sd, mesh: Mesh, strategy: str, facts: StepFacts) -> dict:
     run = dataclasses.replace(cfg, sharding=strategy, fsdp=fsdp)
     program = step_program(run, sd, mesh, facts.max_steps, facts.cached_latents,
                            facts.text_embeddings)
-    state = _with_shardings(program.abstract_state, program.shardings)
-    frozen = _with_shardings(program.frozen, program.frozen_sharding)
-    batch = abstract_batch(run, sd, mesh)
+    arguments = step_arguments(program, run, sd, mesh)
+    batch = arguments[2]
     t0 = time.perf_counter()
     layout = {"strategy": strategy if fsdp > 1 else "replicated", "fsdp": fsdp,
               "data": mesh.devices.size // fsdp}
     try:
-        compiled = program.step_fn.lower(state, frozen, batch, program.numbers).compile()
+        compiled = program.step_fn.lower(*arguments).compile()
     except Exception as e:  # the TPU compiler refuses a program that cannot fit its HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -193,7 +206,7 @@ def compile_step(cfg, sd, mesh: Mesh, strategy: str, facts: StepFacts) -> dict:
                   "aliased": int(memory.alias_size_in_bytes)}
     per_device["peak"] = (per_device["arguments"] + per_device["outputs"]
                           - per_device["aliased"] + per_device["temporaries"])
-    images = next(iter(batch.values())).shape[1] * cfg.gradient_accumulation_steps
+    images = images_per_step(cfg, mesh.devices.size)
     flops = float(cost.get("flops", 0.0)) * mesh.devices.size  # per-device program's, all devices
     return {"per_device_bytes": per_device, "flops_per_step": flops,
             "flops_per_image": flops / images if images else None,
@@ -221,10 +234,7 @@ def step_flops(cfg, sd, facts: StepFacts, devices: int) -> Optional[float]:
                               train_batch_size=cfg.train_batch_size * devices)
     program = step_program(run, sd, mesh, facts.max_steps, facts.cached_latents,
                            facts.text_embeddings)
-    lowered = program.step_fn.lower(_with_shardings(program.abstract_state, program.shardings),
-                                    _with_shardings(program.frozen, program.frozen_sharding),
-                                    abstract_batch(run, sd, mesh), program.numbers)
-    cost = lowered.cost_analysis()
+    cost = program.step_fn.lower(*step_arguments(program, run, sd, mesh)).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else (cost or {})
     return float(cost.get("flops", 0.0)) or None
 
