@@ -12,6 +12,7 @@ the batch.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import socket
@@ -236,12 +237,30 @@ def host_copy(tree):
     return jax.tree_util.tree_map(get, tree)
 
 
-def to_replicated(x: jax.Array, mesh: Mesh) -> jax.Array:
-    """A device array replicated over `mesh` (a gather when it is split, on every host)."""
+def to_replicated(tree, mesh: Mesh):
+    """`tree`'s device arrays replicated over `mesh`, on every host. Those split across hosts
+    (fsdp) are gathered by one program for them all, compiled once per mesh and tree structure
+    (a program per leaf cost a compile and a round of collectives per leaf: 30 s a validation
+    of the tiny model on two CPU hosts, against 0.5 s now)."""
     sharding = replicated(mesh)
-    if x.sharding.is_equivalent_to(sharding, x.ndim):
-        return x
-    return jax.jit(lambda a: a, out_shardings=sharding)(x)
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    split = []
+    for i, x in enumerate(leaves):
+        if x.sharding.is_equivalent_to(sharding, x.ndim):
+            continue
+        if x.is_fully_addressable:  # on this host's devices: a copy, no program
+            leaves[i] = jax.device_put(x, sharding)
+        else:
+            split.append(i)
+    if split:
+        for i, x in zip(split, _replicator(mesh)([leaves[i] for i in split])):
+            leaves[i] = x
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+@functools.lru_cache(maxsize=None)
+def _replicator(mesh: Mesh):
+    return jax.jit(lambda arrays: arrays, out_shardings=replicated(mesh))
 
 
 def global_batch(local: dict, mesh: Mesh, sample_axis: int = 0) -> dict:

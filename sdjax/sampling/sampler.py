@@ -99,19 +99,11 @@ class Sampler:
         return int(value)
 
     def place(self, params):
-        """Parameters replicated on every device (arrays already placed so are kept as they are)."""
-        repl = replicated(self.mesh)
-
-        def put(x):
-            if not isinstance(x, jax.Array):
-                return replicate(x, self.mesh)
-            if x.sharding.is_equivalent_to(repl, x.ndim):
-                return x
-            if x.is_fully_addressable:
-                return jax.device_put(x, repl)
-            return to_replicated(x, self.mesh)  # split over several hosts (fsdp): gathered
-
-        return jax.tree_util.tree_map(put, params)
+        """Parameters replicated on every device: host arrays placed, device arrays already so
+        kept as they are, the others (split over fsdp, maybe across hosts) gathered."""
+        on_devices = jax.tree_util.tree_map(
+            lambda x: x if isinstance(x, jax.Array) else replicate(x, self.mesh), params)
+        return to_replicated(on_devices, self.mesh)
 
     def sample(self, params, prompt, negative_prompt=None, num_inference_steps: int = 50,
                guidance_scale: float = 7.5, height: Optional[int] = None,
