@@ -49,15 +49,27 @@ ROWS = {
                                "XLA attention",
                                f"{SD15} {REMAT} --train_batch_size 4 --sharding zero1 "
                                f"--topology v5e-8 --gradient_checkpointing_policy dense {XLA}"),
+    "sd15_v5e_b4_zero1_policy_dots": ("text_to_image", "SD 1.5 full, 512 px, batch 4, policy dots",
+                                      f"{SD15} {REMAT} --train_batch_size 4 --sharding zero1 "
+                                      "--topology v5e-8 --gradient_checkpointing_policy dots"),
+    "sd15_v5e_b4_zero1_policy_dots_xla": ("text_to_image", "SD 1.5 full, 512 px, batch 4, policy "
+                                          "dots, XLA attention",
+                                          f"{SD15} {REMAT} --train_batch_size 4 --sharding zero1 "
+                                          f"--topology v5e-8 --gradient_checkpointing_policy dots "
+                                          f"{XLA}"),
     "sd15_v3_b4_zero1": ("text_to_image", "SD 1.5 full, 512 px, batch 4",
                          f"{SD15} {REMAT} --train_batch_size 4 --sharding zero1 --topology v3-8"),
     "sd15_v3_b8_zero3": ("text_to_image", "SD 1.5 full, 512 px, batch 8",
                          f"{SD15} {REMAT} --train_batch_size 8 --sharding zero3 --topology v3-8"),
+    "sd15_v3_b4_zero1_noremat": ("text_to_image", "SD 1.5 full, 512 px, batch 4, no remat",
+                                 f"{SD15} --train_batch_size 4 --sharding zero1 --topology v3-8"),
     "sd21_v5e_b1_zero1": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 1, XLA attention",
                           f"{SD21} {REMAT} --train_batch_size 1 --sharding zero1 --topology v5e-8 "
                           f"{XLA}"),
     "sd21_v4_b1_repl": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 1",
                         f"{SD21} {REMAT} --train_batch_size 1 --sharding replicated --topology v4-8"),
+    "sd21_v4_b4_zero1": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 4",
+                         f"{SD21} {REMAT} --train_batch_size 4 --sharding zero1 --topology v4-8"),
     "sd21_v5e_b4_zero3": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 4",
                           f"{SD21} {REMAT} --train_batch_size 4 --sharding zero3 --topology v5e-8"),
     "lora_sd15_v2_b1": ("text_to_image_lora", "SD 1.5 LoRA r4, 512 px, batch 1",
