@@ -69,6 +69,23 @@ def test_fsdp_sharding_splits_the_largest_divisible_axis():
     assert fsdp_sharding(make_mesh(1), (64, 64)).spec == P()
 
 
+def test_to_replicated_places_a_tree_and_keeps_what_is_already_replicated():
+    """Sampling's placement: split leaves come back whole on every device, in their places in
+    the tree; replicated ones are passed through untouched."""
+    from sdjax.parallel import replicate, to_replicated
+
+    mesh = make_mesh(4)
+    values = np.arange(32.0).reshape(8, 4)
+    split = jax.device_put(values, fsdp_sharding(mesh, values.shape))
+    assert not split.sharding.is_fully_replicated
+    whole = replicate(np.ones(3), mesh)
+    out = to_replicated({"a": split, "b": [whole, split * 2]}, mesh)
+    assert out["b"][0] is whole
+    for got, want in ((out["a"], values), (out["b"][1], 2 * values)):
+        assert got.sharding.is_fully_replicated
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @pytest.mark.slow
 def test_checkpoint_resumes_under_another_layout(replicated_run, tiny_dir, tmp_path):
     """Saved with fsdp 4 (ZeRO-3) at step 1, resumed as ZeRO-1 over fsdp 2, and that step-1
