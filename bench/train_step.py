@@ -266,27 +266,38 @@ def prepare_step(args, sd=None) -> PreparedStep:
 
 
 def torch_step(args, folder):
-    """diffusers' train_text_to_image.py step on the same config, in float32 on this machine."""
+    """diffusers' train_text_to_image.py step on the same config: on CUDA when PyTorch sees a GPU
+    (frozen VAE and text encoder in the compute dtype, the UNet's float32 weights under autocast,
+    SDPA attention: what the script does under `accelerate --mixed_precision bf16`), else in
+    float32 on this machine's CPU; with its EMA (diffusers' EMAModel) unless --no_ema."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
     from transformers import CLIPTextModel
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = args.mixed_precision == "bf16" and device == "cuda"
+    frozen_dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).train()
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).train().to(device)
     vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).eval().requires_grad_(False)
     text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")).eval().requires_grad_(False)
+    vae, text = vae.to(device, frozen_dtype), text.to(device, frozen_dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2)
+    ema = None if args.no_ema else EMAModel(unet.parameters())
+    if ema is not None:
+        ema.to(device)
     n = args.batch
-    pixels = torch.rand(n, 3, args.resolution, args.resolution) * 2 - 1
-    ids = torch.randint(0, 400, (n, 77))
+    pixels = (torch.rand(n, 3, args.resolution, args.resolution) * 2 - 1).to(device, frozen_dtype)
+    ids = torch.randint(0, 400, (n, 77)).to(device)
     if args.cached:  # what a latent cache hands the step: latents and text embeddings
         with torch.no_grad():
             cached_latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
             cached_context = text(ids)[0]
     alphas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
-    alphas = torch.cumprod(1 - alphas, 0)
+    alphas = torch.cumprod(1 - alphas, 0).to(device)
 
     def one():
         if args.cached:
@@ -295,23 +306,36 @@ def torch_step(args, folder):
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
                 context = text(ids)[0]
+        latents = latents.float()
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (n,))
+        t = torch.randint(0, 1000, (n,), device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(unet(noisy, t, context).sample, noise)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            pred = unet(noisy, t, context).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
+        if ema is not None:
+            ema.step(unet.parameters())
+
+    def synchronize():
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     one()
+    synchronize()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         one()
+    synchronize()
     step_s = (time.perf_counter() - t0) / args.steps
     return {"step_s": round(step_s, 4), "images_per_s": round(n / step_s, 3),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "device": device,
+            "compute": "bfloat16 autocast" if bf16 else "float32", "ema": ema is not None,
+            "threads": torch.get_num_threads()}
 
 
 def main():
