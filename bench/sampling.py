@@ -113,12 +113,15 @@ def sdjax_sampling(sd, args, prompts, latents):
 
 
 def torch_sampling(args, folder, prompts, latents):
-    """diffusers' StableDiffusionPipeline on the saved weights, float32 -> (result, images)."""
+    """diffusers' StableDiffusionPipeline on the saved weights -> (result, images): on a CUDA GPU
+    in float16 (`torch_dtype=torch.float16`, as diffusers' examples run it), else float32."""
     import diffusers
     import torch
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(  # float32, as the files hold
-        folder, safety_checker=None, requires_safety_checker=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
     cls, options = DIFFUSERS_SCHEDULERS[args.scheduler]
     pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
     pipe.set_progress_bar_config(disable=True)
@@ -128,16 +131,19 @@ def torch_sampling(args, folder, prompts, latents):
         with torch.inference_mode():
             images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                           height=args.resolution, width=args.resolution, output_type="np",
-                          latents=torch.from_numpy(latents),
+                          latents=torch.from_numpy(latents).to(device, dtype),
                           generator=torch.Generator().manual_seed(0)).images
+        if device == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start, images
 
     call()  # warm-up
     runs = [call() for _ in range(args.repeats)]
     steady_s = statistics.median(seconds for seconds, _ in runs)
     return {"steady_s": round(steady_s, 4), "images_per_s": round(len(prompts) / steady_s, 3),
-            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "threads": torch.get_num_threads()}, runs[-1][1]
+            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "device": device,
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "threads": torch.get_num_threads()}, runs[-1][1]
 
 
 def run(args, info):
