@@ -14,10 +14,13 @@ from sdjax.parallel import initialize_distributed, sync_hosts
 
 
 def enable_compilation_cache() -> None:
+    """JAX's persistent cache for programs that took a second or more to compile (JAX's own
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, where set, wins)."""
     path = os.environ.get("SDJAX_COMPILATION_CACHE",
                           os.path.join(os.path.expanduser("~"), ".cache", "sdjax", "xla"))
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def start_run(cfg: TrainConfig, notes: Optional[list]) -> bool:
