@@ -78,6 +78,8 @@ ROWS = {
                           f"{SD21} {REMAT} --train_batch_size 4 --sharding zero3 --topology v5e-8"),
     "sd21_v5e_b2_zero3_noremat": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 2, no remat",
                                   f"{SD21} --train_batch_size 2 --sharding zero3 --topology v5e-8"),
+    "sd21_v5e_b4_zero3_noremat": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 4, no remat",
+                                  f"{SD21} --train_batch_size 4 --sharding zero3 --topology v5e-8"),
     "lora_sd15_v2_b1": ("text_to_image_lora", "SD 1.5 LoRA r4, 512 px, batch 1",
                         f"{SD15} {REMAT} --train_batch_size 1 --sharding replicated --topology v2-8"),
     "lora_sd15_v2_b4": ("text_to_image_lora", "SD 1.5 LoRA r4, 512 px, batch 4",
