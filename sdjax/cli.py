@@ -33,6 +33,9 @@ def _quiet_libraries() -> None:
     # transformers announces at import that torch is missing; sdjax only uses its tokenizer.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from sdjax.parallel import quiet_libtpu_without_tpu
+
+    quiet_libtpu_without_tpu()
 
 
 def _quiet_orbax() -> None:

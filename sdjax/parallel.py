@@ -32,6 +32,31 @@ DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 
 
+def quiet_libtpu_without_tpu() -> None:
+    """With libtpu installed (requirements_tpu.txt, for the --topology check) on a machine with
+    no TPU, libtpu prints an INVALID_ARGUMENT error with a source trace, and a warning, at every
+    start: it cannot find the TPU VM's worker hostnames and host bounds. Giving it those of a
+    lone host silences both; the topologies it compiles for are unchanged (their own names set
+    them). Never set on a TPU VM, where they come from the VM's metadata, nor over a user's own."""
+    import glob
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return  # TPU chips (v2-v4 as /dev/accel*, v5e and later through VFIO)
+    try:
+        from jax._src import hardware_utils  # JAX's own PCI scan for TPU chips
+
+        if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+            return
+    except Exception:  # a private module: if it moves, the device files above decide
+        pass
+    if not any(name in os.environ for name in ("TPU_WORKER_HOSTNAMES", "TPU_HOST_BOUNDS")):
+        os.environ["TPU_WORKER_HOSTNAMES"] = "localhost"
+        os.environ["TPU_HOST_BOUNDS"] = "1,1,1"
+
+
 def multi_process_environment(environ=None) -> Optional[str]:
     """What in the environment says this process is one of several, in words; None if nothing.
 

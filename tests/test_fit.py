@@ -3,6 +3,9 @@ compiled for TPU slices on this CPU machine (libtpu from requirements_tpu.txt), 
 keys and arithmetic, the layout search, and bad topology names."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -104,6 +107,39 @@ def test_without_libtpu_the_message_says_what_to_install(monkeypatch, tmp_path):
                                f"--train_data_dir={DEMO_DATA}", f"--output_dir={tmp_path}/o",
                                "--compile_only", "--topology=v5e-8"])
     assert code == 2 and "pip install -r requirements_tpu.txt" in stderr
+
+
+def test_libtpu_starts_quietly_on_a_machine_without_tpu():
+    """libtpu (installed here for these checks) on a host with no TPU: neither JAX's start nor
+    a topology prints libtpu's INVALID_ARGUMENT error and warnings about the TPU VM's worker
+    hostnames and host bounds it cannot find."""
+    code = ("from sdjax.cli import _quiet_libraries; _quiet_libraries(); import jax; "
+            "print(jax.devices()[0].platform); from sdjax.train.fit import topology_devices; "
+            "print(len(topology_devices('v5e-8')[1]))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES", "TPU_HOST_BOUNDS")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["cpu", "8"]  # JAX tried libtpu, fell back to the CPU
+    for noise in ("INVALID_ARGUMENT", "could not determine", "Failed to find host bounds"):
+        assert noise not in run.stderr, run.stderr[-2000:]
+
+
+def test_a_topology_check_leaves_the_compilation_cache_alone(monkeypatch, tmp_path):
+    """A program compiled for a slice this machine is not cannot be loaded back (JAX warns on
+    the next identical check and compiles anyway): only real runs turn the cache on."""
+    from sdjax.config import parse_train_args
+    from sdjax.train import setup
+
+    calls = []
+    monkeypatch.setattr(setup, "enable_compilation_cache", lambda: calls.append(1))
+    flags = ["--pretrained_model_name_or_path=tiny", f"--train_data_dir={DEMO_DATA}",
+             f"--output_dir={tmp_path}", "--compile_only"]
+    setup.start_run(parse_train_args(flags + ["--topology=v5e-8"])[0], None)
+    assert calls == []
+    setup.start_run(parse_train_args(flags)[0], None)
+    assert calls == [1]
 
 
 def test_megacore_chips_are_one_device_each():

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from sdjax import storage
 from sdjax.errors import ConfigError
+from sdjax.parallel import quiet_libtpu_without_tpu
 from sdjax.train.steps import batch_key
 
 GIB = 2 ** 30
@@ -48,6 +49,7 @@ def topology_devices(name: str) -> tuple:
     # Compiling for a topology uses no chip: let several such processes load libtpu at once
     # (it otherwise holds /tmp/libtpu_lockfile for one process).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    quiet_libtpu_without_tpu()
     topology = TOPOLOGY_ALIASES.get(name, name)
     try:
         # v4 and v5p VMs run each chip's two TensorCores as one device (megacore); libtpu's

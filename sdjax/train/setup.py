@@ -27,7 +27,10 @@ def start_run(cfg: TrainConfig, notes: Optional[list]) -> bool:
     """Validates and starts multi-host JAX; -> whether this is process 0. Nothing is written yet:
     output_dir is made once the model and data have loaded (see `prepare_output_dir`)."""
     cfg.validate()
-    enable_compilation_cache()
+    if not cfg.topology:
+        # A program compiled for a TPU slice you are not on cannot be loaded back from the
+        # cache (JAX warns and compiles again): caching it only costs disk.
+        enable_compilation_cache()
     initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
                            cfg.distributed_timeout)
     is_main = jax.process_index() == 0
