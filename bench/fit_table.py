@@ -57,6 +57,12 @@ ROWS = {
                                           f"{SD15} {REMAT} --train_batch_size 4 --sharding zero1 "
                                           f"--topology v5e-8 --gradient_checkpointing_policy dots "
                                           f"{XLA}"),
+    "sd15_v5e_b8_zero3_policy_dots": ("text_to_image", "SD 1.5 full, 512 px, batch 8, policy dots",
+                                      f"{SD15} {REMAT} --train_batch_size 8 --sharding zero3 "
+                                      "--topology v5e-8 --gradient_checkpointing_policy dots"),
+    "sd15_v5e_b16_zero3_policy_dots": ("text_to_image", "SD 1.5 full, 512 px, batch 16, policy "
+                                       "dots", f"{SD15} {REMAT} --train_batch_size 16 --sharding "
+                                       "zero3 --topology v5e-8 --gradient_checkpointing_policy dots"),
     "sd15_v3_b4_zero1": ("text_to_image", "SD 1.5 full, 512 px, batch 4",
                          f"{SD15} {REMAT} --train_batch_size 4 --sharding zero1 --topology v3-8"),
     "sd15_v3_b8_zero3": ("text_to_image", "SD 1.5 full, 512 px, batch 8",
