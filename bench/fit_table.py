@@ -78,6 +78,8 @@ ROWS = {
                          f"{SD21} {REMAT} --train_batch_size 4 --sharding zero1 --topology v4-8"),
     "sd21_v4_b8_zero1": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 8",
                          f"{SD21} {REMAT} --train_batch_size 8 --sharding zero1 --topology v4-8"),
+    "sd21_v4_b16_zero1": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 16",
+                          f"{SD21} {REMAT} --train_batch_size 16 --sharding zero1 --topology v4-8"),
     "sd21_v4_b4_zero1_noremat": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 4, no remat",
                                  f"{SD21} --train_batch_size 4 --sharding zero1 --topology v4-8"),
     "sd21_v5e_b4_zero3": ("text_to_image", "SD 2.1 768-v full, 768 px, batch 4",
