@@ -41,6 +41,8 @@ def quiet_libtpu_without_tpu() -> None:
     import glob
     import importlib.util
 
+    if any(name in os.environ for name in ("TPU_WORKER_HOSTNAMES", "TPU_HOST_BOUNDS")):
+        return
     if importlib.util.find_spec("libtpu") is None:
         return
     if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
@@ -52,9 +54,8 @@ def quiet_libtpu_without_tpu() -> None:
             return
     except Exception:  # a private module: if it moves, the device files above decide
         pass
-    if not any(name in os.environ for name in ("TPU_WORKER_HOSTNAMES", "TPU_HOST_BOUNDS")):
-        os.environ["TPU_WORKER_HOSTNAMES"] = "localhost"
-        os.environ["TPU_HOST_BOUNDS"] = "1,1,1"
+    os.environ["TPU_WORKER_HOSTNAMES"] = "localhost"
+    os.environ["TPU_HOST_BOUNDS"] = "1,1,1"
 
 
 def multi_process_environment(environ=None) -> Optional[str]:
