@@ -33,10 +33,12 @@ class KernelSpy:
 
     def __init__(self):
         self.calls = []
+        self.lengths = []  # (implementation, query length, key length) per call
         self.original = jax.nn.dot_product_attention
 
     def __call__(self, query, key, value, *args, implementation=None, **kwargs):
         self.calls.append((implementation, query.shape[-1], jnp.dtype(query.dtype).name))
+        self.lengths.append((implementation, query.shape[1], key.shape[1]))
         return self.original(query, key, value, *args, implementation="xla", **kwargs)
 
     def implementations(self):
@@ -53,6 +55,7 @@ def spy(monkeypatch):
 def trace(module, component, spy):
     """Traces `module.init` abstractly (no parameters allocated, nothing run); returns its calls."""
     spy.calls.clear()
+    spy.lengths.clear()
     param_shapes(module, component)
     return list(spy.calls)
 
@@ -84,17 +87,26 @@ def test_float32_is_xla_everywhere(head_dim, heads):
     assert implementation == "xla" and "float32" in reason
 
 
-def test_clip_text_encoder_rules():
-    # CLIP: causal self-attention over 77 tokens, head dim 64 (SD 1.x 768/12, SD 2.x 1024/16).
-    assert choose_attention_implementation("cudnn", BF16, 64, 12, 77, 77, is_causal=True) == ("cudnn", "")
+def test_cudnn_length_and_mask_rules():
+    # CLIP: causal self-attention over 77 tokens, head dim 64 (SD 1.x 768/12, SD 2.x 1024/16):
+    # odd, which JAX's cuDNN training path refuses (see test_cudnn_training_traces_...).
     implementation, reason = choose_attention_implementation("cudnn", BF16, 64, 12, 77, 77,
+                                                             is_causal=True)
+    assert implementation == "xla" and reason.startswith("77 keys odd")
+    assert choose_attention_implementation("cudnn", BF16, 64, 12, 76, 76, is_causal=True) == ("cudnn", "")
+    implementation, reason = choose_attention_implementation("cudnn", BF16, 64, 12, 76, 76,
                                                              is_causal=True, has_mask=True)
     assert implementation == "xla" and "mask" in reason
-    implementation, reason = choose_attention_implementation("cudnn", BF16, 64, 12, 77, 64,
+    implementation, reason = choose_attention_implementation("cudnn", BF16, 64, 12, 76, 64,
                                                              is_causal=True)
     assert implementation == "xla" and "causal" in reason
-    # Different query/key lengths without a causal mask (UNet cross-attention) are fine.
-    assert choose_attention_implementation("cudnn", BF16, 40, 8, 4096, 77) == ("cudnn", "")
+    # Different query/key lengths without a causal mask (UNet cross-attention) are fine when even.
+    assert choose_attention_implementation("cudnn", BF16, 40, 8, 4096, 78) == ("cudnn", "")
+    implementation, reason = choose_attention_implementation("cudnn", BF16, 40, 8, 4096, 77)
+    assert implementation == "xla" and reason.startswith("77 keys odd")
+    implementation, reason = choose_attention_implementation("auto", BF16, 40, 8, 65 * 65, 78,
+                                                             platform="gpu")
+    assert implementation == "xla" and reason.startswith("4225 queries odd")
 
 
 @pytest.mark.parametrize("requested", ["xla", None])
@@ -125,7 +137,8 @@ def test_sd15_plan():
     value, choices = plan_vae(vae_config(cfg["vae"]), "cudnn", BF16)
     assert value == "xla" and [c.site.head_dim for c in choices] == [512, 512]
     value, choices = plan_clip(clip_text_config(cfg["text_encoder"]), "cudnn", BF16)
-    assert value == "cudnn" and choices[0].site.head_dim == 64
+    assert value == "xla" and choices[0].site.head_dim == 64  # 77 tokens: odd
+    assert choices[0].reason.startswith("77 keys odd")
 
 
 @pytest.mark.parametrize("name", ["sd21", "sd21-base"])
@@ -133,7 +146,7 @@ def test_sd2_plan(name):
     cfg = shipped(name)
     assert plan_unet(unet_config(cfg["unet"]), "cudnn", BF16)[0] == "cudnn"  # head dim 64
     assert plan_vae(vae_config(cfg["vae"]), "cudnn", BF16)[0] == "xla"
-    assert plan_clip(clip_text_config(cfg["text_encoder"]), "cudnn", BF16)[0] == "cudnn"
+    assert plan_clip(clip_text_config(cfg["text_encoder"]), "cudnn", BF16)[0] == "xla"  # 77
 
 
 @pytest.mark.parametrize("name", ["sd15", "sd21", "tiny"])
@@ -160,14 +173,22 @@ def sd15_bf16_calls():
     mp.setattr(jax.nn, "dot_product_attention", kernel_spy)
     try:
         models = build_models(shipped("sd15"), BF16, "cudnn")
-        return {c: trace(m, c, kernel_spy) for c, m in models.items()}
+        calls = {}
+        for component, model in models.items():
+            calls[component] = trace(model, component, kernel_spy)
+            calls[component + " lengths"] = list(kernel_spy.lengths)
+        return calls
     finally:
         mp.undo()
 
 
 def test_sd15_cudnn_never_reaches_what_cudnn_cannot_take(sd15_bf16_calls):
-    for component, calls in sd15_bf16_calls.items():
+    for component in ("unet", "vae", "text_encoder"):
+        calls = sd15_bf16_calls[component]
         assert calls, component
+        for implementation, q_len, kv_len in sd15_bf16_calls[component + " lengths"]:
+            if implementation == "cudnn":
+                assert q_len % 2 == 0 and kv_len % 2 == 0, (component, q_len, kv_len)
         for implementation, head_dim, dtype in calls:
             if implementation == "cudnn":
                 assert dtype in ("bfloat16", "float16"), (component, head_dim, dtype)
@@ -181,8 +202,15 @@ def test_sd15_cudnn_is_kept_where_it_fits(sd15_bf16_calls):
     unet = {}
     for implementation, head_dim, _ in sd15_bf16_calls["unet"]:
         unet.setdefault(head_dim, set()).add(implementation)
-    assert unet == {40: {"cudnn"}, 80: {"cudnn"}, 160: {"xla"}}
-    assert {(i, h) for i, h, _ in sd15_bf16_calls["text_encoder"]} == {("cudnn", 64)}
+    assert unet == {40: {"cudnn", "xla"}, 80: {"cudnn", "xla"}, 160: {"xla"}}
+    # At head dims 40 and 80 the self-attention runs cuDNN, the cross-attention XLA (its keys:
+    # the traced context's one token here, 77 text tokens in a run: odd either way); the text
+    # encoder (77 tokens) XLA.
+    heads = [h for _, h, _ in sd15_bf16_calls["unet"]]
+    by_kind = {(impl, kv_len == q_len)
+               for (impl, q_len, kv_len), h in zip(sd15_bf16_calls["unet lengths"], heads) if h < 160}
+    assert by_kind == {("cudnn", True), ("xla", False)}
+    assert {(i, h) for i, h, _ in sd15_bf16_calls["text_encoder"]} == {("xla", 64)}
 
 
 def test_float32_traces_only_xla(spy):
@@ -199,7 +227,8 @@ def test_unet_levels_get_their_own_kernel(spy):
                         norm_num_groups=8, cross_attention_dim=16, attention_head_dim=(2, 2))
     unet = UNet2DConditionModel(config, dtype=BF16, attention_implementation=("cudnn", "xla"))
     calls = trace(unet, "unet", spy)
-    assert {(impl, h) for impl, h, _ in calls} == {("cudnn", 16), ("xla", 32)}
+    self_attention = [call for call, (_, q_len, kv_len) in zip(calls, spy.lengths) if q_len == kv_len]
+    assert {(impl, h) for impl, h, _ in self_attention} == {("cudnn", 16), ("xla", 32)}
     with pytest.raises(ConfigError, match="2 UNet block levels"):
         trace(UNet2DConditionModel(config, attention_implementation=("cudnn",)), "unet", spy)
 
@@ -207,12 +236,78 @@ def test_unet_levels_get_their_own_kernel(spy):
 def test_text_encoder_with_padding_mask_uses_xla(spy):
     config = clip_text_config(shipped("tiny")["text_encoder"])
     encoder = CLIPTextModel(config, dtype=BF16, attention_implementation="cudnn")
-    ids = jnp.zeros((2, 77), jnp.int32)
+    ids = jnp.zeros((2, 76), jnp.int32)  # even: 77 would run XLA for its length alone
     jax.eval_shape(encoder.init, jax.random.key(0), ids)
     assert spy.implementations() == {"cudnn"}
     spy.calls.clear()
-    jax.eval_shape(encoder.init, jax.random.key(0), ids, jnp.ones((2, 77), jnp.int32))
+    jax.eval_shape(encoder.init, jax.random.key(0), ids, jnp.ones((2, 76), jnp.int32))
     assert spy.implementations() == {"xla"}
+    spy.calls.clear()
+    jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((2, 77), jnp.int32))
+    assert spy.implementations() == {"xla"}
+
+
+@pytest.fixture
+def jax_cudnn_rules(monkeypatch):
+    """JAX's own cuDNN attention checks, run on CPU: its first check ("cuDNN is not detected",
+    on a jaxlib without CUDA) is told cuDNN 9.7 is there, so tracing reaches the shape rules
+    that a GPU applies (nothing is lowered or run)."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90700)
+
+
+@pytest.mark.jax_api
+def test_jax_cudnn_rules_refuse_odd_lengths_in_training(jax_cudnn_rules):
+    # What the rule below guards against, as JAX 0.6-0.10 does it: any T and S without a
+    # gradient, even ones only with (the training path always sees a placeholder bias).
+    q = jax.ShapeDtypeStruct((2, 64, 2, 16), BF16)
+
+    def loss(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn").astype(F32).sum()
+
+    for kv_len in (77, 78):
+        kv = jax.ShapeDtypeStruct((2, kv_len, 2, 16), BF16)
+        jax.eval_shape(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
+                       q, kv, kv)
+        if kv_len % 2:
+            with pytest.raises(NotImplementedError, match="Unsupported sequence length"):
+                jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+        else:
+            jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+
+
+@pytest.mark.jax_api
+@pytest.mark.parametrize("requested", ["cudnn", "auto"])
+def test_cudnn_training_traces_under_jax_rules(jax_cudnn_rules, requested):
+    # The tiny model (head dims 16 and 8: cuDNN's) trained as on a GPU: the gradient of UNet
+    # and text encoder together, 77 text tokens, 64 px (8x8 latents). Before the even-length
+    # rule this raised NotImplementedError("Unsupported sequence length Q 77, KV 77").
+    models = build_models(shipped("tiny"), BF16, requested, platform="gpu", image_size=64)
+    unet, text_encoder = models["unet"], models["text_encoder"]
+    params = (param_shapes(unet, "unet"), param_shapes(text_encoder, "text_encoder"))
+    latents = jax.ShapeDtypeStruct((2, unet.config.in_channels, 8, 8), BF16)
+    ids = jax.ShapeDtypeStruct((2, 77), jnp.int32)
+
+    def loss(params, latents, ids):
+        unet_params, text_params = params
+        context = text_encoder.apply({"params": text_params}, ids)
+        out = unet.apply({"params": unet_params}, latents, jnp.zeros((2,), jnp.int32), context)
+        return out.astype(F32).sum()
+
+    real = jax.nn.dot_product_attention
+    seen = []
+
+    def record(q, k, v, *args, implementation=None, **kwargs):
+        seen.append((implementation, q.shape[1], k.shape[1]))
+        return real(q, k, v, *args, implementation=implementation, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax.nn, "dot_product_attention", record)
+        grads = jax.eval_shape(jax.grad(loss), params, latents, ids)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+    assert ("cudnn", 4, 4) in seen  # the kernel still runs where it can (2x2 at the last level)
+    assert {impl for impl, _, kv_len in seen if kv_len == 77} == {"xla"}
 
 
 # --- the message --------------------------------------------------------------------------------
@@ -229,8 +324,10 @@ def test_message_is_one_line_naming_the_fallbacks(caplog):
     message = records[0].getMessage()
     assert "\n" not in message and records[0].levelno == logging.WARNING
     cudnn_part, xla_part = message.split("XLA for")
-    assert "cuDNN for" in cudnn_part and "text_encoder" in cudnn_part
+    assert "cuDNN for unet self-attention" in cudnn_part and "text_encoder" not in cudnn_part
     assert "down_blocks_0" in cudnn_part and "down_blocks_2" not in cudnn_part
+    assert "cross-attention" not in cudnn_part
+    assert "text_encoder (77 keys odd" in xla_part
     assert "vae (head dim 512 > 128)" in xla_part
     assert "mid_block" in xla_part and "head dim 160 > 128" in xla_part
 
@@ -242,7 +339,8 @@ def test_message_for_float32_and_when_nothing_falls_back(caplog):
     first, second = (r.getMessage() for r in attention_records(caplog))
     assert "cuDNN for no module" in first and "float32" in first
     assert "unet" in first and "vae" in first and "text_encoder" in first
-    assert "XLA for vae (head dim 512 > 128)" in second and "cuDNN for unet and text_encoder" in second
+    assert "cuDNN for unet self-attention; XLA for unet cross-attention and text_encoder (77 keys" in second
+    assert "vae (head dim 512 > 128)" in second
 
 
 def test_message_helper():

@@ -92,9 +92,15 @@ def resolve_auto(requested: Optional[str], platform: Optional[str] = None) -> Op
 #   - masks: `is_causal` becomes cuDNN's CAUSAL mask type (XLA builds `tril(ones(T, S))`);
 #     query/key_value_seq_lengths become PADDING(_CAUSAL). A boolean `mask` is turned into an
 #     additive bias, and any bias must be (B|1, N|1, T, S) exactly: no broadcasting over the two
-#     sequence axes, so a (B, 1, 1, S) key-padding mask raises ValueError. With a bias, training
-#     (the custom-VJP forward rule) needs even T and S. local_window_size: left windows only.
-#   - sequence lengths: otherwise none (any T and S, T != S allowed for cross-attention).
+#     sequence axes, so a (B, 1, 1, S) key-padding mask raises ValueError. local_window_size: left
+#     windows only.
+#   - sequence lengths: even, whenever the call is differentiated (training). The custom VJP's
+#     forward rule (`_dot_product_attention_fwd_rule` -> `check_is_flash_attention`) refuses odd
+#     T or S "with a bias", and it always sees one: `dot_product_attention` passes a zeros(0)
+#     placeholder where no bias is given, and the rule tests `bias is not None` (jax 0.6.2 to
+#     0.10.2). So the UNet's cross-attention to 77 text tokens and CLIP's 77-token self-attention
+#     raise NotImplementedError("Unsupported sequence length Q 4096, KV 77") while a train step
+#     is traced on a GPU; undifferentiated calls (sampling) take any T and S, T != S included.
 #   - heads: none beyond the generic check that query heads are a multiple of key/value heads.
 # All of these raise while tracing (eval_shape, jit), as does the very first step,
 # `check_cudnn_version`, which raises RuntimeError("cuDNN is not detected.") on a jaxlib without
@@ -102,12 +108,15 @@ def resolve_auto(requested: Optional[str], platform: Optional[str] = None) -> Op
 # for Ampere (sm80) and later, and an older GPU fails only when XLA compiles.
 #
 # The rules below keep the side that works on every cuDNN 9 GPU: head dim <= 128 (not Hopper's
-# 256), fp16/bf16 only, no explicit mask or bias arrays, and causal masks only with equal query
-# and key lengths (so how an implementation aligns a causal mask when T != S never matters).
+# 256), fp16/bf16 only, even sequence lengths (for sampling too: the odd ones, the 77 text
+# tokens, are the cheap call sites, and one rule keeps training and sampling on the same
+# kernels), no explicit mask or bias arrays, and causal masks only with equal query and key
+# lengths (so how an implementation aligns a causal mask when T != S never matters).
 
 CUDNN_DTYPES = ("float16", "bfloat16")
 CUDNN_MAX_HEAD_DIM = 128
 CUDNN_HEAD_DIM_MULTIPLE = 8
+CUDNN_LENGTH_MULTIPLE = 2
 
 # What JAX's Pallas TPU flash attention (jax/experimental/pallas/ops/tpu/flash_attention.py,
 # `flash_attention`, read in jax 0.10.2) accepts:
@@ -146,12 +155,26 @@ FLASH_MAX_HEAD_DIM = 512  # SD's VAE (one 512-wide head); wider heads are not me
 FLASH_AUTO_MIN_TOKENS = 1024
 
 
+def _length_problem(q_len: Optional[int], kv_len: Optional[int], multiple: int,
+                    why: str = "") -> str:
+    """Why a kernel that needs lengths in multiples of `multiple` cannot take these ("" when
+    it can; a length of None is unknown)."""
+    for what, length in (("keys", kv_len), ("queries", q_len)):
+        if length is not None and length % multiple:
+            wanted = "odd" if multiple == 2 else f"not a multiple of {multiple}"
+            return f"{length} {what} {wanted}{why}"
+    return ""
+
+
 def flash_length_problem(q_len: Optional[int], kv_len: Optional[int]) -> str:
     """Why the TPU flash kernel cannot take these sequence lengths ("" when it can; None: unknown)."""
-    for what, length in (("keys", kv_len), ("queries", q_len)):
-        if length is not None and length % FLASH_LENGTH_MULTIPLE:
-            return f"{length} {what} not a multiple of {FLASH_LENGTH_MULTIPLE}"
-    return ""
+    return _length_problem(q_len, kv_len, FLASH_LENGTH_MULTIPLE)
+
+
+def cudnn_length_problem(q_len: Optional[int], kv_len: Optional[int]) -> str:
+    """Why cuDNN cannot train on these sequence lengths ("" when it can; None: unknown)."""
+    return _length_problem(q_len, kv_len, CUDNN_LENGTH_MULTIPLE,
+                           "; cuDNN's training path takes even lengths")
 
 
 def choose_attention_implementation(requested: Optional[str], dtype, head_dim: int, heads: int = 1,
@@ -189,6 +212,9 @@ def choose_attention_implementation(requested: Optional[str], dtype, head_dim: i
             return "xla", f"head dim {head_dim} > {CUDNN_MAX_HEAD_DIM}"
         if head_dim % CUDNN_HEAD_DIM_MULTIPLE:
             return "xla", f"head dim {head_dim} not a multiple of {CUDNN_HEAD_DIM_MULTIPLE}"
+        problem = cudnn_length_problem(q_len, kv_len)
+        if problem:
+            return "xla", problem
     elif implementation == "flash":
         if platform != "tpu":
             return "xla", f"the flash kernel is for TPU v4 and later, not {platform}"
@@ -385,8 +411,9 @@ def _trace_platform() -> str:
 
 def _at_trace(implementation, dtype, head_dim, heads, q_len, kv_len, batch, is_causal, has_mask):
     """The implementation for this call now that the lengths are known: "auto" is resolved, and
-    "flash" becomes "xla" where the lengths, a mask or the mesh do not suit the kernel."""
-    platform = _trace_platform() if implementation == "auto" else "tpu"
+    "flash" or "cudnn" becomes "xla" where the lengths, a mask or (flash) the mesh do not suit
+    the kernel."""
+    platform = {"auto": _trace_platform(), "flash": "tpu"}.get(implementation)
     implementation, _ = choose_attention_implementation(
         implementation, dtype, head_dim, heads, q_len, kv_len, is_causal=is_causal,
         has_mask=has_mask, platform=platform)
@@ -401,7 +428,7 @@ def attention(q, k, v, heads: int, *, mask=None, is_causal: bool = False,
     b, t, inner = q.shape
     s = k.shape[1]
     head_dim = inner // heads
-    if implementation in ("auto", "flash"):
+    if implementation in ("auto", "flash", "cudnn"):
         implementation = _at_trace(implementation, q.dtype, head_dim, heads, t, s, b, is_causal,
                                    mask is not None)
     q = q.reshape(b, t, heads, head_dim)
