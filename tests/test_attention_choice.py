@@ -9,6 +9,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from sdjax import ConfigError, StableDiffusion
@@ -34,11 +35,13 @@ class KernelSpy:
     def __init__(self):
         self.calls = []
         self.lengths = []  # (implementation, query length, key length) per call
+        self.batches = []  # (implementation, batch size the kernel sees) per call
         self.original = jax.nn.dot_product_attention
 
     def __call__(self, query, key, value, *args, implementation=None, **kwargs):
         self.calls.append((implementation, query.shape[-1], jnp.dtype(query.dtype).name))
         self.lengths.append((implementation, query.shape[1], key.shape[1]))
+        self.batches.append((implementation, query.shape[0]))
         return self.original(query, key, value, *args, implementation="xla", **kwargs)
 
     def implementations(self):
@@ -56,6 +59,7 @@ def trace(module, component, spy):
     """Traces `module.init` abstractly (no parameters allocated, nothing run); returns its calls."""
     spy.calls.clear()
     spy.lengths.clear()
+    spy.batches.clear()
     param_shapes(module, component)
     return list(spy.calls)
 
@@ -308,6 +312,30 @@ def test_cudnn_training_traces_under_jax_rules(jax_cudnn_rules, requested):
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
     assert ("cudnn", 4, 4) in seen  # the kernel still runs where it can (2x2 at the last level)
     assert {impl for impl, _, kv_len in seen if kv_len == 77} == {"xla"}
+
+
+def test_cudnn_runs_per_batch_shard_under_a_mesh(spy):
+    # Under a mesh the cuDNN call runs on each device's share of the batch (shard_map), as the
+    # TPU kernel does: left to XLA, ZeRO-3's split weights gave q, k and v shardings cuDNN's
+    # partitioning rule refused when compiled for 8 GPUs (bench/gpu_compile.py). A batch the
+    # mesh does not divide runs XLA.
+    from jax.sharding import Mesh
+
+    from sdjax.models.attention import attention
+    from sdjax.parallel import mesh_context
+
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+    for batch, want in ((8, [("cudnn", 2)]), (6, [("xla", 6)])):
+        q = jax.ShapeDtypeStruct((batch, 64, 32), BF16)
+        kv = jax.ShapeDtypeStruct((batch, 78, 32), BF16)
+        spy.batches.clear()
+        with mesh_context(mesh):
+            out = jax.eval_shape(lambda q, k, v: attention(q, k, v, 2, implementation="cudnn"),
+                                 q, kv, kv)
+        assert out.shape == (batch, 64, 32) and spy.batches == want
+    spy.batches.clear()
+    jax.eval_shape(lambda q, k, v: attention(q, k, v, 2, implementation="cudnn"), q, kv, kv)
+    assert spy.batches == [("cudnn", 6)]  # no mesh: the whole batch
 
 
 # --- the message --------------------------------------------------------------------------------

@@ -207,14 +207,17 @@ def test_attention_implementation_reaches_the_kernel(sd2, tiny_inputs, monkeypat
     seen = []
     original = jax.nn.dot_product_attention
 
-    def spy(*args, implementation=None, **kwargs):
-        seen.append(implementation)
-        return original(*args, implementation="xla", **kwargs)
+    def spy(query, key, *args, implementation=None, **kwargs):
+        seen.append((implementation, key.shape[1]))
+        return original(query, key, *args, implementation="xla", **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
-    cudnn = UNet2DConditionModel(sd2.unet.config, attention_implementation="cudnn")
+    # bf16 (cuDNN takes no float32); the self-attention (64 and 16 tokens) goes to cuDNN, the
+    # cross-attention's 5 text tokens (odd) to XLA, as `choose_attention_implementation` says.
+    cudnn = UNet2DConditionModel(sd2.unet.config, dtype=jnp.bfloat16,
+                                 attention_implementation="cudnn")
     cudnn.apply({"params": sd2.params["unet"]}, *tiny_inputs)
-    assert seen and set(seen) == {"cudnn"}
+    assert seen and set(seen) == {("cudnn", 64), ("cudnn", 16), ("xla", 5)}
 
 
 @pytest.mark.jax_api

@@ -19,6 +19,7 @@ XLA instead of failing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Iterable, List, Optional, Tuple
 
@@ -102,6 +103,11 @@ def resolve_auto(requested: Optional[str], platform: Optional[str] = None) -> Op
 #     raise NotImplementedError("Unsupported sequence length Q 4096, KV 77") while a train step
 #     is traced on a GPU; undifferentiated calls (sampling) take any T and S, T != S included.
 #   - heads: none beyond the generic check that query heads are a multiple of key/value heads.
+#   - devices: the cuDNN call has a custom partitioning rule, which XLA asks how to split it.
+#     Compiled for 8 GPUs (bench/gpu_compile.py) with ZeRO-3, the split weights gave q, k and v
+#     shardings over heads and head dim that the rule refused ("IndivisibleError ... not
+#     divisible by axis_size=8"); so sdjax runs it per batch shard, as the TPU kernel
+#     (`per_batch_shard`).
 # All of these raise while tracing (eval_shape, jit), as does the very first step,
 # `check_cudnn_version`, which raises RuntimeError("cuDNN is not detected.") on a jaxlib without
 # CUDA (CPU). What JAX does not check is the GPU itself: cuDNN documents its fused flash attention
@@ -390,13 +396,22 @@ def tpu_flash_attention(q, k, v, *, is_causal: bool = False, max_block: Optional
         return flash_attention(q, k, v, causal=is_causal, sm_scale=1.0 / math.sqrt(d),
                                block_sizes=blocks)
 
-    mesh, axes, size = _mesh_split()
-    if size > 1:
-        spec = PartitionSpec(axes)
-        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                               check_vma=False)
-    out = kernel(heads_major(q), heads_major(k), heads_major(v))
+    out = per_batch_shard(kernel)(heads_major(q), heads_major(k), heads_major(v))
     return jnp.swapaxes(out[..., :d], 1, 2)
+
+
+def per_batch_shard(kernel):
+    """`kernel(q, k, v)` run on each device's share of the batch (axis 0) under a context mesh
+    of more than one device (`jax.shard_map`, the batch split over every mesh axis, as
+    `sdjax.parallel` splits it); unchanged otherwise. For the fused kernels: XLA cannot
+    partition a Mosaic kernel, and cuDNN's partitioning rule fails on the shardings that
+    ZeRO-3's split weights propagate to q, k and v (`IndivisibleError` while compiling)."""
+    mesh, axes, size = _mesh_split()
+    if size == 1:
+        return kernel
+    spec = PartitionSpec(axes)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)
 
 
 def _trace_platform() -> str:
@@ -411,13 +426,13 @@ def _trace_platform() -> str:
 
 def _at_trace(implementation, dtype, head_dim, heads, q_len, kv_len, batch, is_causal, has_mask):
     """The implementation for this call now that the lengths are known: "auto" is resolved, and
-    "flash" or "cudnn" becomes "xla" where the lengths, a mask or (flash) the mesh do not suit
-    the kernel."""
+    "flash" or "cudnn" becomes "xla" where the lengths, a mask or the mesh (a batch it does
+    not divide, see `per_batch_shard`) do not suit the kernel."""
     platform = {"auto": _trace_platform(), "flash": "tpu"}.get(implementation)
     implementation, _ = choose_attention_implementation(
         implementation, dtype, head_dim, heads, q_len, kv_len, is_causal=is_causal,
         has_mask=has_mask, platform=platform)
-    if implementation == "flash" and batch % _mesh_split()[2]:
+    if implementation in ("flash", "cudnn") and batch % _mesh_split()[2]:
         return "xla"
     return implementation
 
@@ -436,6 +451,9 @@ def attention(q, k, v, heads: int, *, mask=None, is_causal: bool = False,
     v = v.reshape(b, s, heads, head_dim)
     if implementation == "flash":
         out = tpu_flash_attention(q, k, v, is_causal=is_causal)
+    elif implementation == "cudnn":
+        out = per_batch_shard(functools.partial(jax.nn.dot_product_attention, is_causal=is_causal,
+                                                implementation="cudnn"))(q, k, v)
     else:
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
                                            implementation=implementation)
