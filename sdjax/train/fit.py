@@ -267,14 +267,17 @@ def choose_layout(layouts: list, compile_one, hbm: Optional[int]) -> tuple:
     return tried[-1], tried
 
 
-def compile_check(cfg) -> dict:
-    """The `--compile_only` run: compiles, writes compile_report.json, prints one line."""
-    if cfg.topology:
+def compile_check(cfg, devices: Optional[list] = None, hbm: Optional[int] = None,
+                  topology: Optional[str] = None) -> dict:
+    """The `--compile_only` run: compiles, writes compile_report.json, prints one line.
+    `devices` (with `topology`, their name, and `hbm`, bytes per device) replace those of
+    --topology or the local ones: bench/gpu_compile.py passes a GPU described without one."""
+    if devices is None and cfg.topology:
         topology, devices = topology_devices(cfg.topology)
-    else:
+    elif devices is None:
         topology, devices = None, jax.devices()
     sd = shapes_pipeline(cfg)
-    hbm = device_memory(devices[0])
+    hbm = hbm or device_memory(devices[0])
     facts = StepFacts.of_config(cfg)
     chosen, tried = choose_layout(
         candidate_layouts(cfg, len(devices)),
