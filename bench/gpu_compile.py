@@ -95,12 +95,10 @@ def main(argv=None) -> int:
     # and the optimized step dumped so its cuDNN calls can be counted.
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
-    from sdjax.cli import TRAIN_COMMANDS, _quiet_libraries
-    from sdjax.config import parse_train_args
+    from sdjax.cli import TRAIN_COMMANDS, _quiet_libraries, train_config
 
     command = flags.pop(0) if flags[0] in TRAIN_COMMANDS else "train"
-    cfg, _ = parse_train_args(flags + ["--compile_only"], task=TRAIN_COMMANDS[command],
-                              lora=command.endswith("_lora"))
+    cfg, _ = train_config(command, flags + ["--compile_only"])
     dump_dir = os.path.join(cfg.output_dir, "xla_dump")
     os.environ["XLA_FLAGS"] = " ".join([
         os.environ.get("XLA_FLAGS", ""), "--xla_gpu_enable_triton_gemm=false",

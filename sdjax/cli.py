@@ -160,6 +160,13 @@ def merge_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def train_config(command: str, argv: list):
+    """(TrainConfig, notes) of a training command (a TRAIN_COMMANDS key) and its flags."""
+    from sdjax.config import parse_train_args
+
+    return parse_train_args(argv, task=TRAIN_COMMANDS[command], lora=command.endswith("_lora"))
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
@@ -204,11 +211,9 @@ def main(argv=None) -> int:
             cfg, notes = parse_train_args(argv)
             build_cache(cfg, notes)
         else:
-            from sdjax.config import parse_train_args
             from sdjax.train.loop import train
 
-            cfg, notes = parse_train_args(argv, task=TRAIN_COMMANDS[command],
-                                          lora=command.endswith("_lora"))
+            cfg, notes = train_config(command, argv)
             train(cfg, notes)
     except SdjaxError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -428,7 +428,8 @@ def _at_trace(implementation, dtype, head_dim, heads, q_len, kv_len, batch, is_c
     """The implementation for this call now that the lengths are known: "auto" is resolved, and
     "flash" or "cudnn" becomes "xla" where the lengths, a mask or the mesh (a batch it does
     not divide, see `per_batch_shard`) do not suit the kernel."""
-    platform = {"auto": _trace_platform(), "flash": "tpu"}.get(implementation)
+    platform = (_trace_platform() if implementation == "auto"
+                else "tpu" if implementation == "flash" else None)  # cudnn: any platform
     implementation, _ = choose_attention_implementation(
         implementation, dtype, head_dim, heads, q_len, kv_len, is_causal=is_causal,
         has_mask=has_mask, platform=platform)
