@@ -37,21 +37,10 @@ import numpy as np  # noqa: E402
 
 from sdjax import StableDiffusion  # noqa: E402
 from sdjax.pipeline import SHIPPED_CONFIGS  # noqa: E402
-from sdjax.sampling.schedulers import SCHEDULERS  # noqa: E402
+from sdjax.sampling.schedulers import SAMPLERS, SCHEDULERS  # noqa: E402
 
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolour of a lighthouse at dusk",
            "a bowl of ramen, studio lighting", "an oil painting of a fox in the snow"]
-
-# sdjax scheduler name -> diffusers class and the options that make it the same sampler.
-DIFFUSERS_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
-
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -122,8 +111,9 @@ def torch_sampling(args, folder, prompts, latents):
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
         folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
-    cls, options = DIFFUSERS_SCHEDULERS[args.scheduler]
-    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
+    spec = SAMPLERS[args.scheduler]  # the diffusers class and options of the same sampler
+    pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(
+        pipe.scheduler.config, **spec.diffusers_options)
     pipe.set_progress_bar_config(disable=True)
 
     def call():

@@ -76,8 +76,9 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
                         help="classifier-free guidance scale (1 or less: no guidance)")
     parser.add_argument("--seed", type=int, default=0,
                         help="image i of prompt p draws its noise from (seed, p, i) alone")
-    parser.add_argument("--scheduler", choices=SCHEDULERS,
-                        help="sampler (default: the one the model's scheduler config names)")
+    parser.add_argument("--scheduler", metavar="NAME",
+                        help=f"sampler: {', '.join(SCHEDULERS)}, or a diffusers scheduler class "
+                             "name (default: the one the model's scheduler config names)")
     parser.add_argument("--height", type=int, help="default: the model's native size")
     parser.add_argument("--width", type=int, help="default: the model's native size")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

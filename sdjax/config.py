@@ -29,11 +29,6 @@ LORA_FLAGS = ("rank", "lora_alpha", "lora_dropout", "lora_layers", "lora_init",
               "save_lora_format", "resume_lora")
 PRIOR_GENERATION_PRECISION = ("no", "fp32", "fp16", "bf16")
 # diffusers' DreamBooth names its validation schedulers by class.
-VALIDATION_SCHEDULER_CLASSES = {"DPMSolverMultistepScheduler": "dpmpp_2m", "DDIMScheduler": "ddim",
-                                "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
-                                "EulerAncestralDiscreteScheduler": "euler_a"}
-
-
 @dataclasses.dataclass
 class TrainConfig:
     # What is trained: the command (text_to_image, dreambooth) and the components
@@ -465,13 +460,13 @@ class TrainConfig:
             problems.append("--validation_epochs needs the epoch length, which a stream does not "
                             "have: use --validation_steps")
         if self.validation_scheduler is not None:
-            from sdjax.sampling.schedulers import SCHEDULERS
+            from sdjax.sampling.schedulers import sampler_name
 
-            self.validation_scheduler = VALIDATION_SCHEDULER_CLASSES.get(
-                self.validation_scheduler, self.validation_scheduler)
-            if self.validation_scheduler not in SCHEDULERS:
-                problems.append(f"--validation_scheduler={self.validation_scheduler!r}: choose one "
-                                f"of {', '.join(SCHEDULERS)}")
+            try:
+                self.validation_scheduler = sampler_name(self.validation_scheduler,
+                                                         "--validation_scheduler")
+            except ConfigError as e:
+                problems.append(str(e))
         return problems
 
 

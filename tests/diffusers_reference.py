@@ -1,28 +1,34 @@
 """diffusers' schedulers by sdjax sampler name, and a way to hand them sdjax's random draws."""
 
+import sys
+
 import numpy as np
 import torch
 
 
 def diffusers_scheduler(name, config):
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler,
-                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler)
+    """The diffusers scheduler that sdjax's sampler `name` reproduces, set up by its class's
+    from_config(config) (with the options the name fixes)."""
+    import diffusers
 
-    return {"ddim": lambda: DDIMScheduler.from_config(config),
-            "pndm": lambda: PNDMScheduler.from_config(config, skip_prk_steps=True),
-            "euler": lambda: EulerDiscreteScheduler.from_config(config),
-            "euler_a": lambda: EulerAncestralDiscreteScheduler.from_config(config),
-            "dpmpp_2m": lambda: DPMSolverMultistepScheduler.from_config(config),
-            "dpmpp_2m_karras": lambda: DPMSolverMultistepScheduler.from_config(
-                config, use_karras_sigmas=True)}[name]()
+    from sdjax.sampling.schedulers import SAMPLERS
+
+    spec = SAMPLERS[name]
+    return getattr(diffusers, spec.diffusers_class).from_config(config, **spec.diffusers_options)
 
 
 class FixedNoise:
-    """Stands in for diffusers' randn_tensor in the ancestral scheduler: hands out given noise."""
+    """Stands in for diffusers' randn_tensor in every scheduler module that draws noise with it
+    (the ancestral and DDPM samplers): hands out the given draws, in order."""
 
     def __init__(self, monkeypatch, draws):
-        import diffusers.schedulers.scheduling_euler_ancestral_discrete as module
+        import diffusers.schedulers  # noqa: F401 (loads the scheduler modules)
 
         self.draws = iter(draws)
-        monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: torch.from_numpy(
-            np.array(next(self.draws), np.float32).reshape(shape)))
+        for module_name, module in list(sys.modules.items()):
+            if module_name.startswith("diffusers.schedulers.scheduling_") and hasattr(
+                    module, "randn_tensor"):
+                monkeypatch.setattr(module, "randn_tensor", self._draw)
+
+    def _draw(self, shape, **kwargs):
+        return torch.from_numpy(np.array(next(self.draws), np.float32).reshape(shape))

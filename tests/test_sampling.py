@@ -97,7 +97,7 @@ def test_images_depend_only_on_seed_prompt_and_index(sd1):
     (dict(height=98), "height=98 must be a positive multiple of 4"),
     (dict(width=0), "width=0 must be a positive multiple of 4"),
     (dict(num_inference_steps=0), "num_inference_steps=0 must be a whole number of at least 1"),
-    (dict(scheduler="lms"), "unknown scheduler 'lms': choose one of ddim, pndm, euler"),
+    (dict(scheduler="heunish"), "unknown scheduler 'heunish': choose one of ddim, pndm, euler"),
     (dict(prompt=[]), "prompt is empty"),
     (dict(negative_prompt=["a", "b", "c"]), "negative_prompt has 3 entries for 2 prompts"),
     (dict(latents=np.zeros((1, 4, 8, 8))), "latents have shape (1, 4, 8, 8); this call needs (2, 4, 8, 8)"),
@@ -113,14 +113,38 @@ def test_bad_sampling_input(sd1, kwargs, message):
     assert "\n" not in str(info.value)
 
 
-def test_scheduler_configs_sdjax_cannot_honour():
-    """(More cases, each checked against diffusers, in test_scheduler_configs.py.)"""
+def test_scheduler_classes_without_a_sampler_fall_back(caplog):
+    """A custom scheduler class samples with pndm (epsilon) or ddim (v-prediction), said once
+    per class; training never stops over the choice of sampler."""
     from sdjax.sampling.schedulers import default_scheduler_name
 
-    with pytest.raises(ConfigError, match="LMSDiscreteScheduler has no sdjax sampler; pass one of"):
-        default_scheduler_name({"_class_name": "LMSDiscreteScheduler"})
-    assert default_scheduler_name({"_class_name": "DPMSolverMultistepScheduler",
-                                   "use_karras_sigmas": True}) == "dpmpp_2m_karras"
+    with caplog.at_level(logging.WARNING, logger="sdjax"):
+        assert default_scheduler_name({"_class_name": "MyOwnScheduler"}) == "pndm"
+        assert default_scheduler_name({"_class_name": "MyOwnScheduler"}) == "pndm"
+        assert default_scheduler_name({"_class_name": "OtherOwnScheduler",
+                                       "prediction_type": "v_prediction"}) == "ddim"
+        assert default_scheduler_name({"_class_name": "ThirdScheduler"}, "v_prediction") == "ddim"
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 3 and "MyOwnScheduler has no sdjax sampler; sampling with pndm" in notes[0]
+    assert "OtherOwnScheduler has no sdjax sampler; sampling with ddim" in notes[1]
+
+
+def test_diffusers_class_names_are_sampler_names():
+    from sdjax.sampling.schedulers import (DIFFUSERS_CLASSES, default_scheduler_name,
+                                           sampler_name)
+
+    for name, cls in DIFFUSERS_CLASSES.items():
+        assert sampler_name(cls) == (name if name != "dpmpp_2m_karras" else "dpmpp_2m")
+        assert default_scheduler_name({"_class_name": cls}) == sampler_name(cls)
+        assert sampler_name(name) == name
+    config = sd_config(timestep_spacing="trailing")
+    by_class = make_scheduler("DPMSolverMultistepScheduler", config, 7)
+    assert by_class.name == "dpmpp_2m" and list(by_class.timesteps) == list(
+        make_scheduler("dpmpp_2m", config, 7).timesteps)
+
+
+def test_scheduler_configs_sdjax_cannot_honour():
+    """(More cases, each checked against diffusers, in test_scheduler_configs.py.)"""
     with pytest.raises(ConfigError, match="prediction_type='sample' in the scheduler config is not "
                                           "supported by the sdjax samplers"):
         make_scheduler("euler", {"prediction_type": "sample"}, 10)

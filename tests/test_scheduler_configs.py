@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from sdjax.errors import ConfigError
-from sdjax.sampling.schedulers import (_BORROWED, _DEFAULTS, DIFFUSERS_CLASSES, SCHEDULERS,
-                                       make_scheduler)
+from sdjax.sampling.schedulers import DIFFUSERS_CLASSES, SAMPLERS, SCHEDULERS, make_scheduler
 from tests.diffusers_reference import diffusers_scheduler
 from tests.test_sampling import assert_steps_match, sd_config
 
@@ -117,12 +116,11 @@ def test_sdjax_reads_exactly_the_keys_its_diffusers_class_takes(name):
     sampler's name fixes. (DPMSolverMultistepScheduler also reads sigma_min / sigma_max left on
     its config by another class's: see test_dpmpp_borrows_sigma_bounds_like_diffusers.)"""
     cls = diffusers_class(name)
-    base = "dpmpp_2m" if name.startswith("dpmpp_2m") else name
-    read = set(_DEFAULTS[base])
+    read = set(SAMPLERS[name].defaults)
     assert read <= init_keys(cls), read - init_keys(cls)
     unread = init_keys(cls) - read - NAME_FIXED.get(cls.__name__, set())
-    assert not unread, f"{cls.__name__} takes {sorted(unread)}: read them in _DEFAULTS or explain"
-    assert set(_BORROWED.get(base, {})).isdisjoint(init_keys(cls))
+    assert not unread, f"{cls.__name__} takes {sorted(unread)}: read them in its SamplerSpec defaults or explain"
+    assert set(SAMPLERS[name].borrowed).isdisjoint(init_keys(cls))
 
 
 # Values other than the defaults for the keys of the schedulers' configs (the one a key takes
@@ -148,8 +146,7 @@ def test_keys_the_class_does_not_take_are_ignored(name, monkeypatch):
     classes = ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
                "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"]
     every = set().union(*(init_keys(getattr(diffusers, c)) for c in classes))
-    base = "dpmpp_2m" if name.startswith("dpmpp_2m") else name
-    foreign = every - init_keys(diffusers_class(name)) - set(_BORROWED.get(base, {}))
+    foreign = every - init_keys(diffusers_class(name)) - set(SAMPLERS[name].borrowed)
     odd = {k: ODD[k] for k in foreign if k in ODD}
     assert odd
     config = sd_config(timestep_spacing="trailing")

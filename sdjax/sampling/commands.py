@@ -24,7 +24,7 @@ from sdjax.lora.training import LORA_FILE
 from sdjax.parallel import sync_hosts
 from sdjax.sampling.images import grid, labelled_grid, to_pil
 from sdjax.sampling.prompts import prompt_list
-from sdjax.sampling.schedulers import default_scheduler_name
+from sdjax.sampling.schedulers import default_scheduler_name, sampler_name
 
 
 def _save_png(image, path: str) -> None:
@@ -61,7 +61,8 @@ def _lora_note(args) -> str:
 def _sampling_settings(args, sd) -> dict:
     return dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 height=args.height, width=args.width, seed=args.seed,
-                scheduler=args.scheduler or default_scheduler_name(sd.scheduler_config))
+                scheduler=(sampler_name(args.scheduler) if args.scheduler
+                           else default_scheduler_name(sd.scheduler_config)))
 
 
 def generate(args) -> list:

@@ -123,7 +123,7 @@ class Sampler:
         height, width = self.check_size(height, "height"), self.check_size(width, "width")
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
             raise ConfigError(f"num_images_per_prompt={num_images_per_prompt!r} must be at least 1")
-        name = scheduler or default_scheduler_name(self.scheduler_config)
+        name = scheduler or default_scheduler_name(self.scheduler_config, prediction_type)
         sched = make_scheduler(name, self.scheduler_config, num_inference_steps, prediction_type)
         guided = guidance_scale > 1.0  # classifier-free guidance, as diffusers decides it
 
