@@ -71,9 +71,13 @@ class NoiseSchedule:
         a = jnp.asarray(self.alphas_cumprod)[timesteps]
         return a / (1.0 - a)
 
-    def min_snr_weights(self, timesteps, gamma: float):
-        """Min-SNR-gamma loss weights (Hang et al. 2023) as diffusers applies them: min(SNR, gamma)
-        divided by SNR for epsilon targets and by SNR + 1 for v-prediction."""
+    def min_snr_weights(self, timesteps, gamma: float, v_floor: bool = False):
+        """Min-SNR-gamma loss weights (Hang et al. 2023) as diffusers' scripts apply them:
+        min(SNR, gamma) / SNR for epsilon targets; for v-prediction, min(SNR, gamma) / (SNR + 1)
+        (train_text_to_image*.py), or with `v_floor` min(SNR, gamma) / SNR + 1
+        (train_dreambooth.py: "floored to an SNR weight of one")."""
         snr = self.snr(timesteps)
         clipped = jnp.minimum(snr, gamma)
-        return clipped / (snr + 1.0) if self.prediction_type == "v_prediction" else clipped / snr
+        if self.prediction_type != "v_prediction":
+            return clipped / snr
+        return clipped / snr + 1.0 if v_floor else clipped / (snr + 1.0)

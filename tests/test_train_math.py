@@ -31,8 +31,11 @@ def test_noise_and_targets_match_ddpm_scheduler(beta_schedule, prediction_type):
     np.testing.assert_allclose(ours.target(x0, noise, t), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("script", ["text_to_image", "dreambooth"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_min_snr_weights_match_diffusers(prediction_type):
+def test_min_snr_weights_match_diffusers(prediction_type, script):
+    """train_text_to_image.py divides min(SNR, 5) by SNR + 1 for v-prediction;
+    train_dreambooth.py divides by SNR and adds 1 ("floored to an SNR weight of one")."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
@@ -40,9 +43,32 @@ def test_min_snr_weights_match_diffusers(prediction_type):
     ours = NoiseSchedule.from_config(dict(SCHEDULER, prediction_type=prediction_type))
     t = torch.tensor([1, 10, 100, 500, 999])
     snr = compute_snr(ref, t)
-    expected = torch.stack([snr, 5.0 * torch.ones_like(t)], dim=1).min(dim=1)[0]
-    expected = expected / (snr + 1) if prediction_type == "v_prediction" else expected / snr
-    np.testing.assert_allclose(ours.min_snr_weights(t.numpy(), 5.0), expected.numpy(), rtol=1e-4)
+    clipped = torch.stack([snr, 5.0 * torch.ones_like(t)], dim=1).min(dim=1)[0]
+    if prediction_type == "epsilon":
+        expected = clipped / snr
+    elif script == "dreambooth":
+        expected = clipped / snr + 1
+    else:
+        expected = clipped / (snr + 1)
+    got = ours.min_snr_weights(t.numpy(), 5.0, v_floor=script == "dreambooth")
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4)
+
+
+def test_each_command_takes_its_scripts_min_snr_weights():
+    from sdjax.config import parse_train_args
+    from sdjax.train.trainer import loss_config
+
+    common = ["--pretrained_model_name_or_path=tiny", "--snr_gamma=5", "--output_dir=/tmp/x"]
+    dreambooth = parse_train_args(common + ["--instance_data_dir=/tmp", "--instance_prompt=a sks dog"],
+                                  task="dreambooth")[0]
+    for lora in (False, True):
+        text = parse_train_args(common + ["--train_data_dir=/tmp"], lora=lora)[0]
+        booth = parse_train_args(common + ["--instance_data_dir=/tmp",
+                                           "--instance_prompt=a sks dog"], task="dreambooth",
+                                 lora=lora)[0]
+        assert loss_config(text).snr_v_floor is False
+        assert loss_config(booth).snr_v_floor is True
+    assert loss_config(dreambooth).snr_gamma == 5.0
 
 
 def test_prediction_type_override():

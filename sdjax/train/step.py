@@ -41,6 +41,9 @@ class LossConfig:
     input_perturbation: float = 0.0
     snr_gamma: Optional[float] = None
     prior_loss_weight: float = 1.0
+    # The min-SNR weights of train_dreambooth.py (v-prediction floored at one) rather than of
+    # train_text_to_image.py (see NoiseSchedule.min_snr_weights): the command decides.
+    snr_v_floor: bool = False
 
 
 def _per_sample_draws(key, positions, latent_shape, num_timesteps):
@@ -99,7 +102,7 @@ def make_loss_fn(unet, vae, text_encoder, schedule: NoiseSchedule, loss_config: 
         pred = unet.apply(variables["unet"], noisy, t, context, rngs=rngs).astype(jnp.float32)
         target = schedule.target(latents, noise, t)
         per_sample = jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim)))
-        snr_weights = (schedule.min_snr_weights(t, loss_config.snr_gamma)
+        snr_weights = (schedule.min_snr_weights(t, loss_config.snr_gamma, loss_config.snr_v_floor)
                        if loss_config.snr_gamma is not None else None)
         prior_mask = batch.get("prior_mask", jnp.zeros((rows,), jnp.float32))
         return weighted_loss(per_sample, prior_mask.astype(jnp.float32), snr_weights,

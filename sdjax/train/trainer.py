@@ -94,6 +94,13 @@ def step_numbers(cfg: TrainConfig, max_steps: int, devices: int) -> dict:
             "max_grad_norm": f32(cfg.max_grad_norm or 0.0)}
 
 
+def loss_config(cfg: TrainConfig) -> LossConfig:
+    """The loss settings of a run; the command picks its script's min-SNR weights (dreambooth:
+    train_dreambooth.py's, floored at one for v-prediction; text_to_image: its own)."""
+    return LossConfig(cfg.effective_noise_offset, cfg.input_perturbation, cfg.snr_gamma,
+                      cfg.prior_loss_weight, snr_v_floor=cfg.task == "dreambooth")
+
+
 @dataclasses.dataclass
 class StepProgram:
     """The jitted step of a run and what it takes: built from the model's parameter trees,
@@ -141,8 +148,7 @@ def step_program(cfg: TrainConfig, sd, mesh, max_steps: int, cached_latents: boo
         trainable, frozen = split_params(sd.params, cfg.trained_components)
         loss_models, variables = models, merged_variables
     loss_fn = make_loss_fn(loss_models["unet"], loss_models["vae"], loss_models["text_encoder"],
-                           schedule, LossConfig(cfg.effective_noise_offset, cfg.input_perturbation,
-                                                cfg.snr_gamma, cfg.prior_loss_weight), variables)
+                           schedule, loss_config(cfg), variables)
 
     base_step = make_train_step(loss_fn, optimizer, unroll_accumulation=platform == "cpu")
     # What the batch brings instead: cached latents (no VAE), cached or pre-computed text
