@@ -461,6 +461,25 @@ def test_bad_input_is_one_line(case, tiny_dir, instance_dir, tmp_path, capsys):
 
 # --- 4. pre-computed text embeddings (the encoder frozen and off the devices), offset noise -------
 
+def test_pre_computed_bf16_embeddings_compile_the_step_once(tiny_dir, instance_dir, tmp_path,
+                                                            capsys, monkeypatch):
+    """Under bf16 the embeddings are stored in bf16, the dtype the layout check compiled the
+    step for: the step loop runs the check's executable and compiles nothing at step 1 (with
+    float32 embeddings it compiled the whole step a second time)."""
+    from sdjax.train import fit
+
+    monkeypatch.setattr(fit, "device_memory", lambda device: 64 * 2 ** 30)  # a layout to choose
+    code = main(["dreambooth", f"--pretrained_model_name_or_path={tiny_dir}",
+                 f"--instance_data_dir={instance_dir}", f"--output_dir={tmp_path / 'out'}",
+                 "--instance_prompt=a photo of sks dog", "--resolution=32",
+                 "--train_batch_size=1", "--max_train_steps=2", "--mixed_precision=bf16",
+                 "--pre_compute_text_embeddings"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "state replicated (chosen for 64.0 GiB per device" in printed.out
+    assert "compiled the train step" not in printed.out
+
+
 def test_pre_computed_text_embeddings_with_offset_noise(tiny_dir, instance_dir, tmp_path, capsys):
     from sdjax.config import parse_train_args
 

@@ -29,7 +29,8 @@ def distinct_captions(captions, with_empty: bool) -> list:
 
 
 class PromptEmbeddings:
-    """The text encoder's output for a fixed set of captions, on the host."""
+    """The text encoder's output for a fixed set of captions, on the host, in the run's compute
+    dtype."""
 
     def __init__(self, table: dict):
         self.table = table
@@ -48,7 +49,9 @@ class PromptEmbeddings:
         encoder = build_models(sd.configs, dtype)["text_encoder"]
         params = replicate(jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype),
                                                   sd.params["text_encoder"]), mesh)
-        encode = jax.jit(lambda p, ids: encoder.apply({"params": p}, ids).astype(jnp.float32),
+        # Kept in the compute dtype: the batch then has the dtype the step was compiled for (a
+        # float32 table made the step compile a second time at step 1 under bf16).
+        encode = jax.jit(lambda p, ids: encoder.apply({"params": p}, ids).astype(dtype),
                          in_shardings=(replicated(mesh), batch_sharded(mesh)),
                          out_shardings=replicated(mesh))
         ids = tokenize(sd.tokenizer, texts)
