@@ -204,6 +204,36 @@ def hosts_agree(value: str) -> bool:
     return bool((everyone == everyone[0]).all())
 
 
+_MESSAGE_BYTES = 4096
+
+
+def on_main_host(action, name: str) -> None:
+    """Runs `action()` on host 0 alone, then every host learns how it went: when it raised,
+    every host raises SdjaxError with host 0's message (rather than the others waiting at the
+    next barrier for JAX's timeout); otherwise all continue together."""
+    message = ""
+    if jax.process_index() == 0:
+        try:
+            action()
+        except Exception as e:  # noqa: BLE001 - every failure is told to every host
+            text = " ".join(str(e).split())
+            message = text if isinstance(e, SdjaxError) else f"{type(e).__name__}: {text}"
+            message = message or type(e).__name__
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        encoded = message.encode()[:_MESSAGE_BYTES]
+        buffer = np.zeros(_MESSAGE_BYTES + 4, np.uint8)
+        buffer[:4] = np.frombuffer(np.uint32(len(encoded)).tobytes(), np.uint8)
+        buffer[4:4 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+        shared = np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)
+        size = int(np.frombuffer(shared[:4].tobytes(), np.uint32)[0])
+        message = shared[4:4 + size].tobytes().decode(errors="replace")
+    if message:
+        raise SdjaxError(f"{message} (on host 0, during {name})" if jax.process_count() > 1
+                         else message)
+
+
 def make_mesh(fsdp: int = 1) -> Mesh:
     """The ("data", "fsdp") mesh of every device; `fsdp` must divide the device count."""
     devices = np.asarray(jax.devices())

@@ -77,6 +77,10 @@ def write_bytes(path, data: bytes) -> None:
     os.replace(partial, path)
 
 
+def read_text(path) -> str:
+    return epath.Path(str(path)).read_text()
+
+
 def write_text(path, text: str) -> None:
     write_bytes(path, text.encode())
 

@@ -50,7 +50,8 @@ def test_run_writes_lora_files_not_a_pipeline(lora_run):
     assert not {"unet", "model_index.json", "checkpoint-1"} & names  # LoRA only; pruned with
     assert os.listdir(os.path.join(out, "checkpoints")) == ["checkpoint_2"]  # the Orbax step
     assert sorted(os.listdir(os.path.join(out, "checkpoint-2"))) == [
-        "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"]
+        "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors",
+        "written_by_sdjax.json"]  # the marker: sdjax only ever removes or moves these folders
     assert "training LoRA rank 4 (alpha 8) on unet (" in lora_run["stdout"]
     # The frozen base held in bfloat16 while computing in float32 (--frozen_dtype bf16).
     assert "compute float32, frozen weights bfloat16" in lora_run["stdout"]

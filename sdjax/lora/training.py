@@ -11,6 +11,7 @@ adapter shapes and merge the trained adapters into the base.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Mapping, Optional
 
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from sdjax import storage
 from sdjax.errors import ConfigError
 from sdjax.lora.adapters import AdaptedModel, adapter_structs, init_adapters, merge_adapters
 from sdjax.lora.targets import find_targets, layer_names, module_name
@@ -149,46 +151,108 @@ def write_lora_files(folder: str, adapters: Mapping, layout: Mapping, fmt: str,
             for f in formats]
 
 
+# The file sdjax writes beside the LoRA files of every folder it writes them to, listing them:
+# only files listed there are ever overwritten, moved or deleted by sdjax.
+MARKER = "written_by_sdjax.json"
+_STEP_FOLDER = re.compile(r"checkpoint-(\d+)")
+
+
+def lora_file_names(fmt: str) -> list:
+    """The LoRA files a run with --save_lora_format `fmt` writes into a folder."""
+    from sdjax.lora.files import lora_file
+
+    formats = ("diffusers", "kohya") if fmt == "both" else (fmt,)
+    return [lora_file("", f).lstrip("/") for f in formats]
+
+
+def foreign_lora_files(output_dir: str, fmt: str) -> list:
+    """The paths in `output_dir` at names a LoRA run writes (checkpoint-N/ folders, the final
+    LoRA files) that sdjax did not write: another tool's (diffusers' own script uses the same
+    names), which sdjax leaves alone."""
+    if not storage.isdir(output_dir):
+        return []
+    foreign = [storage.join(output_dir, name) for name in lora_file_names(fmt)
+               if storage.exists(storage.join(output_dir, name))
+               and name not in _written_here(output_dir)]
+    for name in storage.listdir(output_dir):
+        folder = storage.join(output_dir, name)
+        if _STEP_FOLDER.fullmatch(name) and not storage.exists(storage.join(folder, MARKER)):
+            foreign.append(folder)
+    return foreign
+
+
+def check_lora_output_dir(output_dir: str, fmt: str) -> None:
+    """Refuses (at start-up, before anything is compiled or written) an output_dir holding
+    another tool's files at names this LoRA run would write."""
+    foreign = foreign_lora_files(output_dir, fmt)
+    if foreign:
+        names = ", ".join(storage.basename(p) for p in foreign[:4]) + (
+            f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ConfigError(f"--output_dir {output_dir} holds {names}, not written by sdjax (a "
+                          "diffusers run's?), at names this LoRA run writes; sdjax leaves them "
+                          "alone: give another --output_dir, or move them out of it")
+
+
+def _written_here(folder: str) -> list:
+    """The files sdjax's marker in `folder` lists (none without a marker)."""
+    path = storage.join(folder, MARKER)
+    if not storage.exists(path):
+        return []
+    try:
+        return list(json.loads(storage.read_text(path)).get("files", []))
+    except ValueError:
+        return []
+
+
 class LoraOutput:
     """The LoRA files a run writes: output_dir/pytorch_lora_weights.safetensors at the end and
     output_dir/checkpoint-N/ with every checkpoint (diffusers' names: `load_lora_weights`
-    takes either folder), kept in step with the checkpoints Orbax keeps."""
+    takes either folder), kept in step with the checkpoints Orbax keeps. Each folder gets a
+    MARKER listing the files sdjax wrote; sdjax only ever removes or moves folders it marked."""
 
     def __init__(self, cfg, layout: Mapping, metadata: Mapping, is_main: bool):
+        from sdjax import __version__
+
         self.output_dir = cfg.output_dir
         self.layout = layout
         self.format = cfg.save_lora_format or "diffusers"
         self.metadata = dict(metadata)
         self.use_ema = cfg.use_ema
         self.is_main = is_main
+        self.version = __version__
 
     def folder(self, step: Optional[int]) -> str:
-        from sdjax import storage
-
         return self.output_dir if step is None else storage.join(self.output_dir,
                                                                  f"checkpoint-{step}")
 
-    def write(self, state, step: Optional[int] = None, kept_steps=()) -> list:
-        from sdjax import storage
-        from sdjax.train.state import trained_weights
+    def own_folders(self, step: int) -> list:
+        """[output_dir/checkpoint-step] when sdjax wrote that folder, else []."""
+        folder = self.folder(step)
+        return [folder] if storage.exists(storage.join(folder, MARKER)) else []
 
+    def write(self, state, step: Optional[int] = None, kept_steps=()) -> list:
         from sdjax.parallel import host_copy
+        from sdjax.train.state import trained_weights
 
         adapters = host_copy(trained_weights(state, self.use_ema))
         if not self.is_main:
             return []
         folder = self.folder(step)
         with storage.local_folder(folder) as local:
+            # The marker first: a folder cut short still says it is sdjax's.
+            names = sorted(set(_written_here(folder)) | set(lora_file_names(self.format)))
+            storage.write_text(storage.join(local, MARKER), json.dumps(
+                {"written_by": f"sdjax {self.version}", "step": step, "files": names}))
             written = write_lora_files(local, adapters, self.layout, self.format, self.metadata)
         if step is not None:
             self._prune(set(kept_steps) | {step})
         return [storage.join(folder, storage.basename(p)) for p in written]
 
     def _prune(self, kept: set) -> None:
-        """Removes checkpoint-N/ LoRA folders of checkpoints Orbax no longer keeps."""
-        from sdjax import storage
-
+        """Removes the checkpoint-N/ LoRA folders sdjax wrote for checkpoints Orbax no longer
+        keeps (folders without sdjax's marker are never touched)."""
         for name in storage.listdir(self.output_dir):
-            match = re.fullmatch(r"checkpoint-(\d+)", name)
+            match = _STEP_FOLDER.fullmatch(name)
             if match and int(match.group(1)) not in kept:
-                storage.remove_tree(storage.join(self.output_dir, name))
+                for folder in self.own_folders(int(match.group(1))):
+                    storage.remove_tree(folder)

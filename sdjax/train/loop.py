@@ -35,6 +35,13 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
         compile_check(cfg)
         return cfg.output_dir
     is_main = start_run(cfg, notes)
+    checkpoints = RunCheckpoints(cfg.output_dir, cfg.checkpoints_total_limit, is_main)
+    if cfg.resume_from_checkpoint:  # a checkpoint that is not there: refused before any writing
+        checkpoints.check_ref(cfg.resume_from_checkpoint)
+    if cfg.use_lora:  # another tool's LoRA files where this run writes its own: refused now
+        from sdjax.lora.training import check_lora_output_dir
+
+        check_lora_output_dir(cfg.output_dir, cfg.save_lora_format or "diffusers")
     mesh = run_mesh(cfg)
     inputs = open_inputs(cfg, is_main, mesh, use_cache=cfg.cache_latents)
     loader = inputs.loader
@@ -43,7 +50,9 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
     trainer = build_trainer(cfg, inputs.sd, loader, mesh, max_steps)
     trainer.precompiled = precompiled
 
-    checkpoints = RunCheckpoints(cfg.output_dir, cfg.checkpoints_total_limit, is_main)
+    lora_output = _lora_output(cfg, inputs.sd, trainer, is_main)
+    if lora_output is not None:  # a branch's LoRA folders move aside with its checkpoints
+        checkpoints.companions = lora_output.own_folders
     state, start_step = _resume(cfg, trainer, checkpoints, loader, is_main)
     if is_main:
         _print_summary(cfg, inputs, trainer, start_step, max_steps, layout_note)
@@ -56,7 +65,6 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
 
         validation = Validation(cfg, inputs.sd, trainer.models, mesh, writer, is_main,
                                 loader.steps_per_epoch)
-    lora_output = _lora_output(cfg, inputs.sd, trainer, is_main)
     loop = StepLoop(trainer, loader, mesh, checkpoints, _run_record(cfg, loader, trainer), writer,
                     preemption, validation, cfg.logging_steps, cfg.checkpointing_steps,
                     _images_per_step(cfg), is_main, lora_output)
@@ -66,7 +74,7 @@ def train(cfg: TrainConfig, notes: Optional[list] = None) -> str:
         checkpoints.wait()
     finally:
         try:
-            checkpoints.manager.wait_until_finished()
+            checkpoints.drain()
         finally:
             writer.close()
             preemption.close()
