@@ -27,23 +27,29 @@ def reference_pipelines(sd1_dir, sd2_dir):
 
 def reference_call(pipe, name, prediction, latents, monkeypatch, seed, steps=8, guidance=6.0):
     from sdjax.sampling.sampler import image_keys, step_noise
+    from sdjax.sampling.schedulers import SAMPLERS, make_scheduler
 
     import jax.numpy as jnp
 
-    pipe.scheduler = diffusers_scheduler(name, dict(pipe.saved_scheduler_config,
-                                                    prediction_type=prediction))
-    count = latents.shape[0]
-    if name == "euler_a":  # diffusers draws each step's noise from torch: hand it ours instead
+    config = dict(pipe.saved_scheduler_config, prediction_type=prediction)
+    pipe.scheduler = diffusers_scheduler(name, config)
+    draws = []
+    if SAMPLERS[name].cls.stochastic:
+        # diffusers draws its noise from torch (dpmpp_sde: a Brownian tree): hand it sdjax's,
+        # one draw per UNet evaluation, as the sampler makes them. diffusers takes them in the
+        # same order, skipping only the last ones where it adds no noise (DDPM at timestep 0,
+        # DPMSolverSDE's final Euler step).
+        count = latents.shape[0]
         keys = image_keys(np.uint32(seed), jnp.arange(count), jnp.zeros(count, jnp.int32))
-        FixedNoise(monkeypatch, [step_noise(keys, i, latents.shape[1:]) for i in range(steps)])
+        evaluations = make_scheduler(name, config, steps).num_evaluations
+        draws = [step_noise(keys, i, latents.shape[1:]) for i in range(evaluations)]
     results = {}
     for output in ("latent", "np"):
+        FixedNoise(monkeypatch, draws)
         images = pipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=steps,
                       guidance_scale=guidance, latents=torch.from_numpy(latents),
                       output_type=output).images
         results[output] = images.numpy() if output == "latent" else images
-        if name == "euler_a":
-            FixedNoise(monkeypatch, [step_noise(keys, i, latents.shape[1:]) for i in range(steps)])
     return results
 
 

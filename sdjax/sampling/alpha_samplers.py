@@ -1,4 +1,5 @@
-"""Samplers that step between training timesteps in terms of alpha_bar: DDIM and PLMS (PNDM)."""
+"""Samplers that step between training timesteps in terms of alpha_bar: DDIM, PLMS (PNDM) and
+ancestral DDPM."""
 
 from __future__ import annotations
 
@@ -116,11 +117,66 @@ class PLMS(Scheduler):
         return prev, {"outputs": outputs, "saved_sample": saved}
 
 
+class DDPM(Scheduler):
+    """Ancestral DDPM sampling (Ho et al. 2020), diffusers' DDPMScheduler: from the predicted
+    clean sample (clipped with clip_sample, or dynamically thresholded) and the sample, the mean
+    of q(x_prev | x_t, x0) between consecutive inference timesteps, plus fresh noise with the
+    config's variance: fixed_small (the posterior variance), fixed_small_log (the same, taken
+    through its log) or fixed_large (beta between the two timesteps); none at timestep 0."""
+
+    stochastic = True
+
+    def __init__(self, name, settings, steps):
+        super().__init__(name, settings, steps)
+        alpha_bar = alphas_cumprod(settings)
+        t = spaced_timesteps(settings["timestep_spacing"], settings["num_train_timesteps"], steps,
+                             settings["steps_offset"], integer=True).astype(np.int64)
+        prev = np.append(t[1:], -1)
+        a, a_prev = alpha_bar[t], np.where(prev >= 0, alpha_bar[np.maximum(prev, 0)], 1.0)
+        beta = 1.0 - a / a_prev
+        self.timesteps = t
+        self._sqrt_a, self._sqrt_1ma = np.sqrt(a), np.sqrt(1 - a)
+        self._x0_coef = np.sqrt(a_prev) * beta / (1 - a)
+        self._sample_coef = np.sqrt(a / a_prev) * (1 - a_prev) / (1 - a)
+        variance = np.maximum((1 - a_prev) / (1 - a) * beta, 1e-20)
+        std = {"fixed_small_log": np.exp(0.5 * np.log(variance)),
+               "fixed_large": np.sqrt(beta)}.get(settings["variance_type"], np.sqrt(variance))
+        self._noise_coef = np.where(t > 0, std, 0.0)
+        self._clip = settings["clip_sample_range"] if settings["clip_sample"] else None
+        self._threshold = thresholding_of(settings)
+
+    def step(self, state, i, model_output, sample, noise=None):
+        sa, s1a = table(self._sqrt_a)[i], table(self._sqrt_1ma)[i]
+        if self.prediction_type == "epsilon":
+            x0 = (sample - s1a * model_output) / sa
+        else:
+            x0 = sa * sample - s1a * model_output
+        if self._threshold is not None:
+            x0 = dynamic_threshold(x0, *self._threshold)
+        elif self._clip is not None:
+            x0 = jnp.clip(x0, -self._clip, self._clip)
+        prev = table(self._x0_coef)[i] * x0 + table(self._sample_coef)[i] * sample
+        return prev + table(self._noise_coef)[i] * noise, state
+
+
 def _pndm_refusal(s):
     if not s["skip_prk_steps"]:
         return (f"skip_prk_steps={s['skip_prk_steps']!r} in the scheduler config asks "
                 "PNDMScheduler for Runge-Kutta warm-up steps; sdjax's pndm runs the PLMS steps "
                 f"only: set skip_prk_steps to true or {OTHER_SAMPLERS}")
+    return None
+
+
+def _ddpm_refusal(s):
+    variance, where = s["variance_type"], "in the scheduler config"
+    if variance in ("learned", "learned_range"):
+        return (f"variance_type={variance!r} {where} makes DDPMScheduler read a variance from "
+                "extra output channels of the model, which a noise-only UNet like sdjax's lacks "
+                "(diffusers then fails): set variance_type to fixed_small or fixed_large, or "
+                f"{OTHER_SAMPLERS}")
+    if variance == "fixed_large_log":
+        return (f"variance_type={variance!r} {where} makes DDPMScheduler scale its noise by the "
+                "square root of log(beta), which is NaN: set variance_type to fixed_large")
     return None
 
 
@@ -133,4 +189,10 @@ SAMPLERS = {
     "pndm": SamplerSpec(PLMS, "PNDMScheduler", dict(
         COMMON, skip_prk_steps=True, set_alpha_to_one=False, timestep_spacing="leading"),
         diffusers_options=dict(skip_prk_steps=True), refusal=_pndm_refusal),
+    # A variance_type DDPMScheduler does not know (null, from a DPMSolverMultistepScheduler
+    # config) runs as fixed_small there, and so here.
+    "ddpm": SamplerSpec(DDPM, "DDPMScheduler", dict(
+        COMMON, **THRESHOLDING, variance_type="fixed_small", clip_sample=True,
+        clip_sample_range=1.0, timestep_spacing="leading", rescale_betas_zero_snr=False),
+        refusal=_ddpm_refusal),
 }
