@@ -380,9 +380,9 @@ class StableDiffusion:
                  scheduler: Optional[str] = None, latents=None, output_type: str = "pil"):
         """Text to image, as diffusers' StableDiffusionPipeline with the same argument names.
 
-        `scheduler` is a name (ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras; default:
-        the one `scheduler_config` names), set up from `self.scheduler_config` (edit it to
-        change e.g. timestep_spacing). `seed` replaces diffusers' generator: image i of prompt
+        `scheduler` is a sampler name (`sdjax.sampling.schedulers.SCHEDULERS`) or its diffusers
+        class name (default: the one `scheduler_config` names), set up from
+        `self.scheduler_config` (edit it to change e.g. timestep_spacing). `seed` replaces diffusers' generator: image i of prompt
         p draws its noise from fold_in(fold_in(key(seed), p), i). `latents` (N, C, H/8, W/8)
         sets the initial noise.
         -> a list of PIL images; `output_type="np"`: (N, H, W, 3) floats in [0, 1];

@@ -459,6 +459,44 @@ def test_bad_input_is_one_line(case, tiny_dir, instance_dir, tmp_path, capsys):
     assert not os.path.exists(os.path.join(instance_dir, "class"))
 
 
+# --- class images with the model's own scheduler, whatever its class ----------------------------
+
+@pytest.mark.parametrize("scheduler_class, expected_note", [
+    ("DDPMScheduler", None),  # common in pipelines written by training tools
+    ("MyOwnScheduler", "MyOwnScheduler has no sdjax sampler; sampling with pndm"),
+])
+def test_class_images_with_the_models_scheduler(scheduler_class, expected_note, tiny_dir,
+                                                 instance_dir, tmp_path, capsys, caplog):
+    """A model whose scheduler_config.json names DDPMScheduler samples its class images with
+    sdjax's ddpm (as diffusers' script samples them with that scheduler); a class no sampler
+    reproduces samples with pndm (epsilon) and one note; the run never stops over it. (It
+    stopped with "the model's scheduler DDPMScheduler has no sdjax sampler".)"""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    config_path = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(_class_name=scheduler_class, variance_type="fixed_small", clip_sample=False)
+    config_path.write_text(json.dumps(config))
+    class_dir = tmp_path / "class-images"
+    code = main(["dreambooth", f"--pretrained_model_name_or_path={model}",
+                 f"--instance_data_dir={instance_dir}", f"--class_data_dir={class_dir}",
+                 f"--output_dir={tmp_path / 'out'}", "--instance_prompt=a photo of sks dog",
+                 "--class_prompt=a photo of dog", "--with_prior_preservation",
+                 "--resolution=32", "--train_batch_size=1", "--max_train_steps=1",
+                 f"--num_class_images={CLASS_IMAGES}", "--class_num_inference_steps=2"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert sorted(os.listdir(class_dir)) == CLASS_NAMES
+    notes = [r.getMessage() for r in caplog.records if "no sdjax sampler" in r.getMessage()]
+    if expected_note is None:
+        assert not notes
+    else:
+        assert len(notes) == 1 and expected_note in notes[0]
+
+
 # --- 4. pre-computed text embeddings (the encoder frozen and off the devices), offset noise -------
 
 def test_pre_computed_bf16_embeddings_compile_the_step_once(tiny_dir, instance_dir, tmp_path,
