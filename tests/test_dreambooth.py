@@ -461,6 +461,17 @@ def test_bad_input_is_one_line(case, tiny_dir, instance_dir, tmp_path, capsys):
 
 # --- class images with the model's own scheduler, whatever its class ----------------------------
 
+def prior_preservation_args(model, instance_dir, class_dir, output_dir, *extra):
+    """A short DreamBooth run with prior preservation: 32 px, batch 1, CLASS_IMAGES class images
+    sampled in 2 steps."""
+    return ["dreambooth", f"--pretrained_model_name_or_path={model}",
+            f"--instance_data_dir={instance_dir}", f"--class_data_dir={class_dir}",
+            f"--output_dir={output_dir}", "--instance_prompt=a photo of sks dog",
+            "--class_prompt=a photo of dog", "--with_prior_preservation", "--resolution=32",
+            "--train_batch_size=1", f"--num_class_images={CLASS_IMAGES}",
+            "--class_num_inference_steps=2", *extra]
+
+
 @pytest.mark.parametrize("scheduler_class, expected_note", [
     ("DDPMScheduler", None),  # common in pipelines written by training tools
     ("MyOwnScheduler", "MyOwnScheduler has no sdjax sampler; sampling with pndm"),
@@ -481,12 +492,8 @@ def test_class_images_with_the_models_scheduler(scheduler_class, expected_note, 
     config.update(_class_name=scheduler_class, variance_type="fixed_small", clip_sample=False)
     config_path.write_text(json.dumps(config))
     class_dir = tmp_path / "class-images"
-    code = main(["dreambooth", f"--pretrained_model_name_or_path={model}",
-                 f"--instance_data_dir={instance_dir}", f"--class_data_dir={class_dir}",
-                 f"--output_dir={tmp_path / 'out'}", "--instance_prompt=a photo of sks dog",
-                 "--class_prompt=a photo of dog", "--with_prior_preservation",
-                 "--resolution=32", "--train_batch_size=1", "--max_train_steps=1",
-                 f"--num_class_images={CLASS_IMAGES}", "--class_num_inference_steps=2"])
+    code = main(prior_preservation_args(model, instance_dir, class_dir, tmp_path / "out",
+                                        "--max_train_steps=1"))
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert sorted(os.listdir(class_dir)) == CLASS_NAMES
@@ -525,14 +532,9 @@ def test_pre_computed_text_embeddings_with_offset_noise(tiny_dir, instance_dir, 
     assert parse_train_args(["--offset_noise"], task="dreambooth")[0].effective_noise_offset == 0.1
     class_dir = tmp_path / "class-images"
     out = tmp_path / "path-to-save-model"
-    code = main(["dreambooth", f"--pretrained_model_name_or_path={tiny_dir}",
-                 f"--instance_data_dir={instance_dir}", f"--class_data_dir={class_dir}",
-                 f"--output_dir={out}", "--instance_prompt=a photo of sks dog",
-                 "--class_prompt=a photo of dog", "--with_prior_preservation",
-                 "--resolution=32", "--train_batch_size=1", "--learning_rate=5e-6",
-                 "--max_train_steps=2", f"--num_class_images={CLASS_IMAGES}",
-                 "--class_num_inference_steps=2", "--pre_compute_text_embeddings",
-                 "--offset_noise"])
+    code = main(prior_preservation_args(tiny_dir, instance_dir, class_dir, out,
+                                        "--learning_rate=5e-6", "--max_train_steps=2",
+                                        "--pre_compute_text_embeddings", "--offset_noise"))
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "note:" not in printed.out  # --offset_noise is not one of the ignored flags

@@ -150,6 +150,8 @@ def test_compare_chosen_steps_and_bad_steps(run, tmp_path):
      "num_inference_steps=0 must be a whole number of at least 1"),
     (["--model", "tiny", "--prompt", "x", "--ema"], "--ema/--no_ema pick the weights of a --checkpoint"),
     (["--prompt", "x"], "give --model (a diffusers folder or hub id) or --checkpoint"),
+    (["--model", "tiny", "--prompt", "x", "--scheduler", "UniPC"],
+     "unknown scheduler 'UniPC': choose one of ddim, pndm, ddpm"),
 ])
 def test_generate_bad_input_is_one_line(argv, message, tmp_path):
     code, _, err = run_main(["generate", "--output_dir", str(tmp_path / "o"), *argv])
@@ -172,6 +174,16 @@ def validation_for(flags, sd=None):
                       MetricsWriter(cfg, False), False, steps_per_epoch=1.5), sd
 
 
+def test_scheduler_flags_take_diffusers_class_names():
+    from sdjax.config import parse_train_args
+
+    cfg, _ = parse_train_args(["--pretrained_model_name_or_path", "tiny", "--train_data_dir",
+                               DEMO_DATA, "--validation_prompts", "a", "--validation_scheduler",
+                               "UniPCMultistepScheduler"])
+    cfg.validate()
+    assert cfg.validation_scheduler == "unipc"
+
+
 def test_validation_schedule_and_early_checks():
     every = validation_for(["--validation_prompt", "a cat", "--validation_epochs", "2"])[0]
     assert every.every == 3 and every.due(3, 10) and not every.due(4, 10) and every.due(10, 10)
@@ -185,8 +197,8 @@ def test_validation_schedule_and_early_checks():
 
 @pytest.mark.parametrize("flags, message", [
     (["--validation_steps", "5"], "--validation_steps needs prompts"),
-    (["--validation_prompts", "a", "--validation_scheduler", "lms"],
-     "--validation_scheduler='lms': choose one of ddim"),
+    (["--validation_prompts", "a", "--validation_scheduler", "lmsx"],
+     "unknown --validation_scheduler 'lmsx': choose one of ddim"),
     (["--validation_prompts", "a", "--validation_steps", "2", "--validation_epochs", "1"],
      "give --validation_steps or --validation_epochs, not both"),
     (["--validation_prompts", "a", "--num_validation_images", "0"],
