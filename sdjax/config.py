@@ -164,7 +164,7 @@ class TrainConfig:
 
     @property
     def compute_dtype_name(self) -> str:
-        """bf16 for both 'bf16' and 'fp16' (see README: fp16 runs as bf16), else float32."""
+        """bf16 for both 'bf16' and 'fp16' (docs/training.md: fp16 runs as bf16), else float32."""
         return "bfloat16" if self.mixed_precision in ("fp16", "bf16") else "float32"
 
     @property
