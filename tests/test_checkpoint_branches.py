@@ -11,7 +11,7 @@ import pytest
 from sdjax.cli import main
 from sdjax.checkpoints import read_meta as checkpoint_meta
 from tests.conftest import DEMO_DATA
-from tests.test_train_loop import _error_line, unet_weights
+from tests.helpers import error_line, unet_weights
 
 
 def _args(out, steps, *extra):
@@ -108,7 +108,7 @@ def test_branch_from_an_older_checkpoint(tmp_path, capsys, monkeypatch):
     nan = [a for a in _args(run, 8, "--resume_from_checkpoint", "checkpoint-2",
                             "--max_grad_norm=0") if not a.startswith("--learning_rate")]
     assert main(nan + ["--learning_rate=1e30"]) == 2
-    err = _error_line(capsys.readouterr().err)
+    err = error_line(capsys.readouterr().err)
     assert "at step" in err and err.endswith(f"last good checkpoint is {ckpts / 'checkpoint_2'}")
     assert _steps(ckpts) == [2, 4]
 
@@ -128,7 +128,7 @@ def test_checkpoint_names_and_paths(tmp_path, capsys):
     missing = tmp_path / "nowhere" / "checkpoints" / "checkpoint_5"
     code = main(_args(tmp_path / "o", 2, "--resume_from_checkpoint", str(missing)))
     assert code == 2
-    assert f"{missing} does not exist" in _error_line(capsys.readouterr().err)
+    assert f"{missing} does not exist" in error_line(capsys.readouterr().err)
 
 
 def test_non_finite_weights_are_never_saved():

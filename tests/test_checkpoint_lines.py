@@ -9,22 +9,19 @@ costs Orbax's I/O, not a training run."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from sdjax import storage
 from sdjax.checkpoints import read_meta
 from sdjax.cli import main
 from sdjax.errors import SdjaxError
 from sdjax.train import checkpoint as checkpoint_module
 from sdjax.train.checkpoint import ABANDONED, RunCheckpoints
-from tests.conftest import DEMO_DATA, xla_flags
-from tests.test_dreambooth import run_cli
+from tests.conftest import DEMO_DATA
+from tests.helpers import free_port, host_env, run_cli
 from tests.tiny_torch import REPO
 
 LAYOUT = {"version": 2, "trained": ["unet"], "ema": False}
@@ -122,22 +119,15 @@ def test_a_failed_move_aside_stops_the_run_and_moves_nothing_else(tmp_path, monk
     assert _lines(out / "checkpoints") == {1: "A", 2: "A"}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.hosts
 def test_a_failed_move_aside_stops_every_host_with_host_0s_message(tmp_path):
     """Host 0's move fails (a bucket error); host 1, which waited for it, stops at once with
     the same message instead of waiting at the next barrier for JAX's timeout."""
     out = tmp_path / "out"
     _run(out, [1, 2], "A")
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_move_aside", str(out),
-                               f"localhost:{port}", str(i)], cwd=REPO, env=env,
+                               f"localhost:{port}", str(i)], cwd=REPO, env=host_env(1),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     try:

@@ -19,7 +19,7 @@ from sdjax import class_images
 from sdjax.class_images import ensure_class_images
 from sdjax.errors import ConfigError
 from tests.class_images_worker import SETTINGS
-from tests.test_multihost import _env, _free_port, _wait_all
+from tests.helpers import free_port, host_env, wait_all
 from tests.tiny_torch import REPO
 
 NAMES = [f"class_{j:05d}.png" for j in range(6)]
@@ -172,13 +172,13 @@ def test_two_hosts(sd, made, tmp_path):
     Image.new("RGB", (64, 64), "blue").save(own / "host1" / "mine.png")
     (bad / "host1").parent.mkdir()
     (bad / "host1").write_text("a file where the folder should be")
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "tests.class_images_worker", str(tmp_path / f"host{i}.json"),
          f"localhost:{port}", str(i), str(shared), str(own / f"host{i}"), str(bad / f"host{i}")],
-        env=_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=host_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
-    outputs = _wait_all(procs)
+    outputs = wait_all(procs)
     hosts = [json.loads((tmp_path / f"host{i}.json").read_text()) for i in range(2)]
     assert [h["process"] for h in hosts] == [0, 1]
     assert "class images: generated 5 of 5" in outputs[0][0]

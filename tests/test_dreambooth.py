@@ -9,62 +9,21 @@ share its compile through the session's XLA cache; all runs use the tiny model a
 
 import contextlib
 import glob
-import io
 import os
-import shlex
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors.numpy import load_file
 
 from sdjax.cli import main
 from tests.conftest import DEMO_DATA
+from tests.helpers import (assert_diffusers_pipeline, changed, override, random_pngs, readme_argv,
+                           run_cli, weights)
 
 INSTANCE_IMAGES = 5
 CLASS_IMAGES = 4  # one sampling call on the 4 test devices (--sample_batch_size 4 per device)
 CLASS_NAMES = [f"class_{j:05d}.png" for j in range(CLASS_IMAGES)]
-WEIGHTS = {"unet": "unet/diffusion_pytorch_model.safetensors",
-           "vae": "vae/diffusion_pytorch_model.safetensors",
-           "text_encoder": "text_encoder/model.safetensors"}
-
-
-def random_pngs(folder, count, seed=0):
-    """`count` small PNGs of random pixels, of different sizes (the loader resizes and crops)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        h, w = 32 + 8 * (i % 3), 32 + 8 * ((i + 1) % 3)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(folder / f"dog{i}.png")
-    return str(folder)
-
-
-def run_cli(argv):
-    """`python train_flax.py ARGV` in this process -> (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
-def weights(folder, component):
-    return load_file(os.path.join(folder, WEIGHTS[component]))
-
-
-def changed(before, after):
-    assert before.keys() == after.keys()
-    return any(not np.array_equal(before[k], after[k]) for k in before)
-
-
-def assert_diffusers_pipeline(folder):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
-    assert pipe.unet is not None and pipe.text_encoder is not None and pipe.tokenizer is not None
-    return pipe
-
-
 def class_folder_state(folder):
     return {name: os.stat(os.path.join(folder, name)).st_mtime_ns
             for name in sorted(os.listdir(folder))}
@@ -296,37 +255,13 @@ README_RUNS = [name for name in README_COMMANDS if name != "train_dreambooth_fla
 README_VARIABLES = ("MODEL_NAME", "INSTANCE_DIR", "CLASS_DIR", "OUTPUT_DIR")
 
 
-def readme_argv(command, variables):
-    """The README command with only the script name changed -> the argv of train_flax.py."""
-    for script, ours in SCRIPT_NAMES.items():
-        command = command.replace(script, ours)
-    for name, value in variables.items():
-        command = command.replace(f"${name}", shlex.quote(value))
-    # As the shell reads it: a backslash-newline continues the line; quotes group words.
-    words = shlex.split(command.replace("\\\n", " "))
-    assert words[:2] == ["python", "train_flax.py"], words
-    return words[2:]
-
-
-def override(argv, values):
-    """Sets each flag named in `values`: its `--name=value` in argv replaced, or appended."""
-    result, done = [], set()
-    for word in argv:
-        name = word[2:].split("=", 1)[0] if word.startswith("--") else None
-        if name in values:
-            assert "=" in word, word  # the README writes flag values as --name=value
-            word = f"--{name}={values[name]}"
-            done.add(name)
-        result.append(word)
-    return result + [f"--{name}={value}" for name, value in values.items() if name not in done]
-
-
 def readme_run_argv(name, model, instance_dir, class_dir, out):
     """The README command `name` for train_flax.py, with the CI overrides."""
     command = README_COMMANDS[name]
     prior = "--with_prior_preservation" in command
     argv = readme_argv(command, dict(zip(README_VARIABLES,
-                                         (model, instance_dir, str(class_dir), str(out)))))
+                                         (model, instance_dir, str(class_dir), str(out)))),
+                       SCRIPT_NAMES)
     assert argv[0] == ("dreambooth_flax" if "flax" in name else "dreambooth")
     overrides = dict(README_OVERRIDES, **({"class_num_inference_steps": "2"} if prior else {}))
     return override(argv, {k: v for k, v in overrides.items() if k != "num_class_images" or prior})
@@ -339,7 +274,8 @@ def test_readme_command_parses(name, instance_dir, tmp_path):
 
     command = README_COMMANDS[name]
     argv = readme_argv(command, dict(zip(README_VARIABLES, (
-        "tiny", instance_dir, str(tmp_path / "class-images"), str(tmp_path / "out")))))
+        "tiny", instance_dir, str(tmp_path / "class-images"), str(tmp_path / "out")))),
+        SCRIPT_NAMES)
     cfg, notes = parse_train_args(argv[1:], task="dreambooth")
     cfg.validate()
     assert cfg.task == "dreambooth" and cfg.resolution == 512 and cfg.train_batch_size == 1

@@ -11,7 +11,7 @@ import pytest
 
 from sdjax.train.fit import choose_layout, summary_line
 from tests.conftest import DEMO_DATA
-from tests.test_dreambooth import run_cli
+from tests.helpers import run_cli
 
 KEYS = {"topology", "device_kind", "devices", "hbm_bytes_per_device", "per_device_bytes",
         "fits", "flops_per_step", "flops_per_image", "sharding"}

@@ -20,7 +20,7 @@ import pytest
 
 from sdjax.cli import main
 from tests.conftest import DEMO_DATA
-from tests.test_dreambooth import override, random_pngs, readme_argv
+from tests.helpers import override, random_pngs, readme_argv
 
 SEED_002_TEXT_TO_IMAGE = """
 accelerate launch --mixed_precision="fp16"  train_text_to_image_lora.py \\
@@ -108,7 +108,7 @@ OVERRIDES = {"resolution": "32", "max_train_steps": "2", "validation_num_inferen
 
 def argv_for(command, variables):
     # `accelerate launch [--mixed_precision=...] train_X.py` -> `python train_flax.py X`: the
-    # accelerate flag is the launcher's, not the script's (fp16 runs as bf16: README).
+    # accelerate flag is the launcher's, not the script's (fp16 runs as bf16: docs/training.md).
     for script in ("train_text_to_image_lora", "train_dreambooth_lora"):
         for launcher in ('accelerate launch --mixed_precision="fp16"  ',
                          'accelerate launch --mixed_precision="fp16" ', "accelerate launch "):

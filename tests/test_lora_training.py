@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import DEMO_DATA
-from tests.test_dreambooth import run_cli
+from tests.helpers import run_cli
 
 PROMPTS = ["a red circle on a white background", "a yellow triangle"]
 

@@ -4,7 +4,6 @@ state split over an fsdp group that spans both hosts)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,17 +11,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import DEMO_DATA, xla_flags
+from tests.conftest import DEMO_DATA
+from tests.helpers import free_port, host_env, start, wait_all
 from tests.tiny_torch import REPO
 
 
 pytestmark = pytest.mark.hosts
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def _args(out):
@@ -35,14 +29,9 @@ def _args(out):
             "--validation_num_inference_steps=2"]
 
 
-def _env(devices):
-    return dict(os.environ, XLA_FLAGS=xla_flags(devices),
-                JAX_PLATFORMS="cpu")
-
-
 @pytest.mark.slow
 def test_two_hosts_with_fsdp_across_them_match_one_host(tmp_path):
-    single = subprocess.run(_args(tmp_path / "single"), env=_env(4), capture_output=True, text=True,
+    single = subprocess.run(_args(tmp_path / "single"), env=host_env(4), capture_output=True, text=True,
                             timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "1 host(s), 4 device(s)" in single.stdout
@@ -51,11 +40,11 @@ def test_two_hosts_with_fsdp_across_them_match_one_host(tmp_path):
     # both hosts: gathers over gloo in the step, sharded Orbax saves, validation and export
     # gathering the weights on every host. (Not beside the reference run: a third process
     # competing with gloo's two on 2 cores made this test slower, 221 s against 195 s.)
-    port = _free_port()
-    procs = [_start(_args(tmp_path / "multi") + [
+    port = free_port()
+    procs = [start(_args(tmp_path / "multi") + [
         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
         "--fsdp=4"], 2) for i in range(2)]
-    outputs = _wait_all(procs)
+    outputs = wait_all(procs)
     assert "2 host(s), 4 device(s) (cpu), state zero3 over fsdp groups of 4" in outputs[0][0]
 
     a = load_file(str(tmp_path / "single" / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -100,36 +89,14 @@ def test_two_hosts_with_fsdp_across_them_match_one_host(tmp_path):
     assert (tmp_path / "exported" / "model_index.json").exists()
 
 
-def _start(command, devices):
-    """`command` in the background with `devices` CPU devices (a 1-host reference run, or one
-    host of a job); `_wait_all` collects it."""
-    return subprocess.Popen(command, env=_env(devices), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _wait_all(procs, check=True):
-    """Waits for every process (killing the rest if one hangs); -> [(stdout, stderr)]."""
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=600))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outputs):
-        assert not check or p.returncode == 0, err[-3000:]
-    return outputs
-
-
 def _on_two_hosts(command):
     """Runs `command` as processes 0 and 1 of a 2-host job (JAX_* variables); -> their stdout."""
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable] + command, cwd=REPO, env=dict(
-        _env(2), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+        host_env(2), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
         JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
-    outputs = _wait_all(procs)
+    outputs = wait_all(procs)
     return [out for out, _ in outputs]  # (gloo also announces its connections there)
 
 
@@ -168,13 +135,13 @@ def test_two_hosts_share_buckets_and_the_latent_cache(tmp_path):
                 "--train_batch_size=1", "--gradient_accumulation_steps=2", "--seed=3",
                 f"--output_dir={out}", *extra]
 
-    single = subprocess.run(command(tmp_path / "single.json", tmp_path / "one"), env=_env(4),
+    single = subprocess.run(command(tmp_path / "single.json", tmp_path / "one"), env=host_env(4),
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(command(tmp_path / f"host{i}.json", tmp_path / "two", [
         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-        data=[data, copy][i]), env=_env(2), cwd=REPO, stdout=subprocess.PIPE,
+        data=[data, copy][i]), env=host_env(2), cwd=REPO, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         for p in procs:
@@ -213,15 +180,15 @@ def test_hosts_with_different_data_all_stop(tmp_path):
     lines = (data / "metadata.jsonl").read_text().splitlines()
     (data / "metadata.jsonl").write_text("\n".join(lines[:-1] + [lines[-1].replace("triangle",
                                                                                    "cone")]) + "\n")
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "tests.multihost_data", str(tmp_path / f"host{i}.json"),
          "--pretrained_model_name_or_path=tiny", f"--train_data_dir={[DEMO_DATA, data][i]}",
          "--resolution=32", "--center_crop", "--train_batch_size=1", f"--output_dir={tmp_path / 'o'}",
          f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-        env=_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=host_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
-    errors = [err for _, err in _wait_all(procs, check=False)]
+    errors = [err for _, err in wait_all(procs, check=False)]
     for i, (p, err) in enumerate(zip(procs, errors)):
         assert p.returncode != 0, err[-2000:]
         assert "the hosts disagree about the latent cache" in err and f"process {i} has" in err
@@ -255,12 +222,12 @@ def test_two_hosts_dreambooth_with_prior_and_text_encoder(tmp_path):
             shutil.copy(os.path.join(DEMO_DATA, name), instance / name)
     # The 1-host reference runs beside the two hosts (alone, it left a core of 2 idle while it
     # compiled: 78 s -> 56 s for this test).
-    port = _free_port()
-    single = _start(_dreambooth_args(tmp_path / "single", instance, tmp_path / "class1"), 4)
-    procs = [_start(_dreambooth_args(tmp_path / "multi", instance, tmp_path / "class2") + [
+    port = free_port()
+    single = start(_dreambooth_args(tmp_path / "single", instance, tmp_path / "class1"), 4)
+    procs = [start(_dreambooth_args(tmp_path / "multi", instance, tmp_path / "class2") + [
         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"], 2)
         for i in range(2)]
-    (single_out, _), *outputs = _wait_all([single] + procs)
+    (single_out, _), *outputs = wait_all([single] + procs)
     assert "1 host(s), 4 device(s)" in single_out
     assert "6 class images from" in single_out and "(prior loss weight 0.7)" in single_out
     assert "2 host(s), 4 device(s)" in outputs[0][0]

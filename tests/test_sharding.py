@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 
 from sdjax.parallel import fsdp_sharding, make_mesh
 from tests.conftest import DEMO_DATA
-from tests.test_dreambooth import run_cli
+from tests.helpers import run_cli
 
 
 def flags(model, out, *extra):

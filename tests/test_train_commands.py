@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 
 from sdjax.cli import main
 from tests.conftest import DEMO_DATA, xla_flags
+from tests.helpers import assert_diffusers_pipeline
 
 NARUTO = ("--use_ema --resolution=512 --center_crop --random_flip --train_batch_size=1 "
           "--gradient_accumulation_steps=4 --gradient_checkpointing --max_train_steps=1 "
@@ -42,14 +43,6 @@ def run_with_devices(args, devices: int):
 
 def unet_weights(folder):
     return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
-
-
-def assert_diffusers_pipeline(folder):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
-    assert pipe.unet is not None and pipe.tokenizer is not None
-    return pipe
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
-from safetensors.numpy import load_file
 
 from sdjax import StableDiffusion
 from sdjax.cli import main
@@ -21,10 +20,7 @@ from sdjax.schedule import NoiseSchedule
 from sdjax.train.state import init_state
 from sdjax.train.step import LossConfig, make_loss_fn, make_train_step
 from tests.conftest import DEMO_DATA
-
-
-def unet_weights(folder):
-    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+from tests.helpers import error_line, unet_weights
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +205,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     args = _demo_args(out, 30, "--logging_steps=1 --checkpointing_steps=1 --max_grad_norm=0")
     args = [a for a in args if not a.startswith("--learning_rate")] + ["--learning_rate=1e30"]
     assert main(args) == 2
-    err = _error_line(capsys.readouterr().err)
+    err = error_line(capsys.readouterr().err)
     assert "at step" in err and "last good checkpoint is" in err
     bad_step = int(err.split("at step ")[1].split(";")[0])
     saved = sorted(int(n.split("_")[1]) for n in os.listdir(out / "checkpoints"))
@@ -217,19 +213,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert not (out / "model_index.json").exists()
 
 
-def _error_line(stderr):
-    """The one error line (the progress bar also writes to stderr); no traceback."""
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
 def _error_of(args, capsys):
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2, err
-    return _error_line(err)
+    return error_line(err)
 
 
 def test_bad_data_inputs(tmp_path, capsys):

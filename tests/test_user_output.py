@@ -5,7 +5,7 @@ import shutil
 
 from sdjax.cli import main
 from tests.conftest import DEMO_DATA
-from tests.test_train_loop import _error_line
+from tests.helpers import error_line
 
 
 def test_a_wrong_model_path_leaves_no_output_dir(tmp_path, capsys):
@@ -14,7 +14,7 @@ def test_a_wrong_model_path_leaves_no_output_dir(tmp_path, capsys):
                  f"--train_data_dir={DEMO_DATA}", "--resolution=64", "--train_batch_size=1",
                  f"--output_dir={out}"])
     assert code == 2
-    assert "no-such-model" in _error_line(capsys.readouterr().err)
+    assert "no-such-model" in error_line(capsys.readouterr().err)
     assert not out.exists()
 
 
