@@ -268,5 +268,5 @@ def test_two_hosts_dreambooth_with_prior_and_text_encoder(tmp_path):
     from sdjax import StableDiffusion
 
     tiny = StableDiffusion.from_config("tiny", seed=5).save_pretrained(str(tmp_path / "base"))
-    start = load_file(os.path.join(tiny, weights["text_encoder"][0]))
-    assert max(np.abs(trained["text_encoder"][k] - start[k]).max() for k in start) > 1e-3
+    initial = load_file(os.path.join(tiny, weights["text_encoder"][0]))
+    assert max(np.abs(trained["text_encoder"][k] - initial[k]).max() for k in initial) > 1e-3

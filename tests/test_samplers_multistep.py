@@ -13,9 +13,8 @@ from sdjax.errors import ConfigError
 from sdjax.sampling.multistep_samplers import singlestep_orders
 from sdjax.sampling.schedulers import make_scheduler
 from tests.diffusers_reference import diffusers_scheduler
-from tests.test_sampling import assert_steps_match, sd_config
-from tests.test_scheduler_configs import (assert_same_tables, dpm_config, euler_config, tables,
-                                          with_values)
+from tests.diffusers_reference import (assert_same_tables, assert_steps_match, dpm_config,
+                                       euler_config, sd_config, tables, with_values)
 
 # Around the step counts where the orders change: 1, 2, 3 (warm-up, lower_order_final), 14 and
 # 15 (DEIS's lower_order_final stops at 15), and an odd count (singlestep groups).

@@ -12,9 +12,8 @@ import torch
 from sdjax.errors import ConfigError
 from sdjax.sampling.schedulers import SAMPLERS, make_scheduler
 from tests.diffusers_reference import diffusers_scheduler
-from tests.test_sampling import assert_steps_match, sd_config
-from tests.test_scheduler_configs import (STEPS, assert_same_tables, euler_config, refusal,
-                                          with_values)
+from tests.diffusers_reference import (STEPS, assert_same_tables, assert_steps_match,
+                                       euler_config, refusal, sd_config, with_values)
 
 NEW = ("ddpm", "lms", "heun", "kdpm2", "dpmpp_sde")
 

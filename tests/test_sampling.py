@@ -4,20 +4,10 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 
 from sdjax.errors import ConfigError
 from sdjax.sampling.schedulers import SCHEDULERS, make_scheduler
-from tests.diffusers_reference import FixedNoise, diffusers_scheduler
-
-
-def sd_config(**overrides):
-    from diffusers import DDIMScheduler
-
-    settings = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    settings.update(overrides)
-    return dict(DDIMScheduler(**settings).config)
+from tests.diffusers_reference import assert_steps_match, sd_config
 
 
 CONFIGS = {
@@ -27,48 +17,6 @@ CONFIGS = {
     "clip-alpha1-linear": sd_config(clip_sample=True, set_alpha_to_one=True, beta_schedule="linear",
                                     beta_start=0.0001, beta_end=0.02),
 }
-
-
-def assert_steps_match(name, config, monkeypatch, steps=(1, 3, 25), prediction_type=None,
-                       seed=0, peak_rtol=0.0):
-    """sdjax's sampler `name` against diffusers' class for it set up by `from_config(config)`:
-    timesteps, input scaling, initial sigma and every update, for each step count, with a
-    made-up model whose output depends on its input. `prediction_type` overrides the config's in
-    both (diffusers gets it as a config value the author gave). The final samples agree within
-    1e-5 of their scale (at least 1), plus `peak_rtol` times the largest sample on the way, for
-    schedules whose float32 arithmetic on huge first samples (zero terminal SNR: sigma 4096)
-    leaves rounding noise of that size in diffusers' result itself."""
-    import jax.numpy as jnp
-
-    ref_config = dict(config)
-    if prediction_type is not None:
-        ref_config["prediction_type"] = prediction_type
-        ref_config["_use_default_values"] = [k for k in config.get("_use_default_values", ())
-                                             if k != "prediction_type"]
-    rng = np.random.default_rng(seed)
-    for count in steps:
-        ref = diffusers_scheduler(name, ref_config)
-        ref.set_timesteps(count)
-        ours = make_scheduler(name, config, count, prediction_type)
-        np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=1e-6, atol=1e-4)
-        assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-5)
-        x = rng.standard_normal((2, 4, 3, 3)).astype(np.float32) * ours.init_noise_sigma
-        x_ref, x_ours, state = torch.from_numpy(x), jnp.asarray(x), ours.init_state(jnp.asarray(x))
-        noises = rng.standard_normal((len(ours.timesteps),) + x.shape).astype(np.float32)
-        FixedNoise(monkeypatch, noises)
-        peak = float(np.abs(x).max())
-        for i, t in enumerate(ref.timesteps):
-            model_in = ref.scale_model_input(x_ref, t)
-            np.testing.assert_allclose(np.asarray(x_ours * ours.input_scale(i)), model_in.numpy(),
-                                       atol=1e-5 * max(1.0, float(np.abs(x_ref.numpy()).max()))
-                                       + peak_rtol * peak)
-            out = np.tanh(model_in.numpy()) + 0.1 * rng.standard_normal(x.shape).astype(np.float32)
-            x_ref = ref.step(torch.from_numpy(out), t, x_ref).prev_sample
-            x_ours, state = ours.step(state, i, jnp.asarray(out), x_ours, jnp.asarray(noises[i]))
-            peak = max(peak, float(np.abs(x_ref.numpy()).max()))
-        scale = max(1.0, float(np.abs(x_ref.numpy()).max()))
-        np.testing.assert_allclose(np.asarray(x_ours), x_ref.numpy(),
-                                   atol=1e-5 * scale + peak_rtol * peak, rtol=0)
 
 
 # Heun clips its clean-sample estimate (clip_sample) and then divides x - x0 by the next sigma

@@ -14,10 +14,10 @@ import torch
 
 from sdjax.errors import ConfigError
 from sdjax.sampling.schedulers import DIFFUSERS_CLASSES, SAMPLERS, SCHEDULERS, make_scheduler
-from tests.diffusers_reference import diffusers_scheduler
-from tests.test_sampling import assert_steps_match, sd_config
+from tests.diffusers_reference import (STEPS, assert_same_tables, assert_steps_match, diffusers_scheduler,
+                                       dpm_config, euler_config, refusal, sd_config, tables,
+                                       with_values)
 
-STEPS = (1, 4, 20)  # one step; under and over the 15 steps where DPM-Solver++ changes its ending
 
 
 def diffusers_class(name):
@@ -28,15 +28,6 @@ def diffusers_class(name):
 
 def init_keys(cls):
     return set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
-
-
-def with_values(config, **values):
-    """`config` with `values` given by its author (so diffusers' from_config does not drop them as
-    defaults it filled in)."""
-    out = dict(config, **values)
-    if "_use_default_values" in config:
-        out["_use_default_values"] = [k for k in config["_use_default_values"] if k not in values]
-    return out
 
 
 def hub_ddpm_config(**values):
@@ -58,46 +49,6 @@ def ddpm_class_config():
 
     return dict(DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               variance_type="fixed_small", clip_sample=True, steps_offset=1).config)
-
-
-def euler_config(**values):
-    from diffusers import EulerDiscreteScheduler
-
-    return dict(EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
-                                       beta_schedule="scaled_linear", steps_offset=1,
-                                       **values).config)
-
-
-def dpm_config(**values):
-    from diffusers import DPMSolverMultistepScheduler
-
-    return dict(DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012,
-                                            beta_schedule="scaled_linear", **values).config)
-
-
-def refusal(name, config, steps=10, prediction_type=None):
-    with pytest.raises(ConfigError) as info:
-        make_scheduler(name, config, steps, prediction_type)
-    message = str(info.value)
-    assert "\n" not in message and "in the scheduler config" in message
-    return message
-
-
-def tables(scheduler):
-    """Everything a built sampler runs on: its timesteps, scales and step tables."""
-    out = {"timesteps": np.asarray(scheduler.timesteps), "init": scheduler.init_noise_sigma}
-    out.update({k: v for k, v in vars(scheduler).items()
-                if k.startswith("_") and isinstance(v, (np.ndarray, float, tuple, type(None)))})
-    if scheduler.input_scales is not None:
-        out["scales"] = scheduler.input_scales
-    return out
-
-
-def assert_same_tables(a, b):
-    ta, tb = tables(a), tables(b)
-    assert ta.keys() == tb.keys()
-    for key in ta:
-        np.testing.assert_array_equal(ta[key], tb[key], err_msg=key)
 
 
 # --- which keys sdjax reads ----------------------------------------------------------------------
