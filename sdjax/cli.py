@@ -165,7 +165,8 @@ def train_config(command: str, argv: list):
     """(TrainConfig, notes) of a training command (a TRAIN_COMMANDS key) and its flags."""
     from sdjax.config import parse_train_args
 
-    return parse_train_args(argv, task=TRAIN_COMMANDS[command], lora=command.endswith("_lora"))
+    return parse_train_args(argv, task=TRAIN_COMMANDS[command], lora=command.endswith("_lora"),
+                            command=None if command == "train" else command)
 
 
 def main(argv=None) -> int:

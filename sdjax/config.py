@@ -28,7 +28,6 @@ LORA_FORMATS = ("diffusers", "kohya", "both")
 LORA_FLAGS = ("rank", "lora_alpha", "lora_dropout", "lora_layers", "lora_init",
               "save_lora_format", "resume_lora")
 PRIOR_GENERATION_PRECISION = ("no", "fp32", "fp16", "bf16")
-# diffusers' DreamBooth names its validation schedulers by class.
 @dataclasses.dataclass
 class TrainConfig:
     # What is trained: the command (text_to_image, dreambooth) and the components
@@ -509,28 +508,52 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The training flags, in `sdjax.flag_help`'s sections, each with its help and default.
+    Without a command (`python train_flax.py --help`) the description lists every command."""
+    from sdjax.flag_help import COMMANDS, HELP, SECTIONS
+
+    if command is None:
+        description = ("Fine-tune Stable Diffusion with JAX: `accelerate launch train_X.py <flags>` "
+                       "becomes `python train_flax.py X <flags>`.\n\ncommands:\n"
+                       + "".join(f"  {name:<20}{text}\n" for name, text in COMMANDS)
+                       + "\nThe flags of the training commands (diffusers' names; --config "
+                         "FILE.yaml holds the same keys):")
+    else:
+        description = (f"{dict(COMMANDS).get(command, 'train')}. Flags: diffusers' names; "
+                       "--config FILE.yaml holds the same keys.")
     parser = argparse.ArgumentParser(
-        prog="train_flax.py", argument_default=argparse.SUPPRESS, allow_abbrev=False,
-        description="Fine-tune Stable Diffusion with JAX. Flags are those of diffusers' "
-                    "train_text_to_image.py; --config FILE.yaml holds the same keys.")
+        prog=f"train_flax.py{'' if command is None else ' ' + command}",
+        usage=f"train_flax.py {command or '[COMMAND]'} [--FLAG VALUE ...] [--config FILE.yaml]",
+        argument_default=argparse.SUPPRESS, allow_abbrev=False, description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with any of the flags below as keys")
-    for field in dataclasses.fields(TrainConfig):
-        kind = _field_type(field)
-        flag = f"--{field.name}"
-        if kind is bool:
-            # `--use_ema` as in diffusers; `--use_ema=false` to switch off what a file set.
-            parser.add_argument(flag, nargs="?", const=True, type=_bool, metavar="BOOL")
-        elif kind is list:
-            parser.add_argument(flag, nargs="+", metavar=field.name.upper())
-        else:
-            parser.add_argument(flag, type=kind, metavar=field.name.upper())
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    for title, section in SECTIONS:
+        group = parser.add_argument_group(title)
+        for name in section:
+            _add_flag(group, fields[name], HELP[name])
     for name in NOOP_FLAGS:
         if name in _NOOP_WITH_VALUE:
             parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
         else:
             parser.add_argument(f"--{name}", nargs="?", const=True, help=argparse.SUPPRESS)
     return parser
+
+
+def _add_flag(group, field: dataclasses.Field, text: str) -> None:
+    kind = _field_type(field)
+    flag = f"--{field.name}"
+    if field.default not in (None, False, dataclasses.MISSING) and "default" not in text:
+        text = f"{text} (default {field.default})"
+    if kind is bool:
+        # `--use_ema` as in diffusers; `--use_ema=false` to switch off what a file set.
+        group.add_argument(flag, nargs="?", const=True, type=_bool, metavar="BOOL", help=text)
+    elif kind is list:
+        group.add_argument(flag, nargs="+", metavar="VALUE", help=text)
+    else:
+        metavar = {int: "N", float: "X"}.get(kind, "VALUE")
+        group.add_argument(flag, type=kind, metavar=metavar, help=text)
 
 
 def _suggest(unknown: str, valid: list) -> str:
@@ -554,11 +577,13 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
-def parse_train_args(argv: list, task: Optional[str] = None, lora: bool = False) -> tuple:
+def parse_train_args(argv: list, task: Optional[str] = None, lora: bool = False,
+                     command: Optional[str] = None) -> tuple:
     """-> (TrainConfig, notes). Unknown flags raise ConfigError naming the closest valid one.
     `task` is the command's (text_to_image, dreambooth), `lora` whether it trains LoRA
-    adapters (the *_lora commands); a config file may name both too."""
-    parser = build_parser()
+    adapters (the *_lora commands); a config file may name both too. `command` names the
+    command in --help (None: the top-level help, which lists the commands)."""
+    parser = build_parser(command)
     valid = [f.name for f in dataclasses.fields(TrainConfig)] + ["config"]
     args, unknown = parser.parse_known_args(argv)
     if unknown:

@@ -65,3 +65,39 @@ def test_missing_model_and_data():
         parse_train_args([])[0].validate()
     assert "--pretrained_model_name_or_path is required" in str(e.value)
     assert "--dataset_name or --train_data_dir" in str(e.value)
+
+
+def test_every_flag_has_one_line_of_help_in_one_section():
+    """Every TrainConfig field is a flag with help, in exactly one `--help` section."""
+    import dataclasses
+
+    from sdjax.config import TrainConfig
+    from sdjax.flag_help import SECTIONS
+
+    placed = [name for _, section in SECTIONS for name in section]
+    assert sorted(placed) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    assert len(placed) == len(set(placed))
+    for _, section in SECTIONS:
+        for name, text in section.items():
+            assert text and "\n" not in text and len(text) < 110, name
+
+
+def test_top_level_help_starts_with_the_commands(capsys):
+    from sdjax.cli import COMMANDS, main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    listed = text.split("commands:\n")[1].split("\n\n")[0].splitlines()
+    assert [line.split()[0] for line in listed] == [
+        "text_to_image", "dreambooth", "text_to_image_lora", "dreambooth_lora", "cache",
+        "export", "generate", "compare", "merge"]
+    assert set(c for c in COMMANDS if not c.endswith("_flax") and c != "train") <= {
+        line.split()[0] for line in listed}
+    assert text.index("commands:") < text.index("--pretrained_model_name_or_path")
+    flat = " ".join(text.split())  # argparse wraps lines at the terminal's width
+    assert "--learning_rate X the peak learning rate (default 0.0001)" in flat
+    for title in ("what is trained", "LoRA (the *_lora commands)", "model", "data", "loss",
+                  "validation images", "JAX: devices, hosts and memory"):
+        assert f"\n{title}:\n" in text
