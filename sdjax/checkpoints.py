@@ -6,7 +6,7 @@ where the frozen base model came from (it is not copied), the data position, and
 layout: which components are trained (`params` and `ema` are dicts keyed by component, e.g.
 {"unet": ..., "text_encoder": ...}) and whether EMA weights are kept.
 
-Training writes and resumes them (`sdjax.train.checkpoint`); `export`, `generate` and `compare`
+Training writes and resumes them (`sdjax.train.run_checkpoints`); `export`, `generate` and `compare`
 read them here, without importing the trainer.
 """
 

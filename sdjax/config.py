@@ -292,7 +292,7 @@ class TrainConfig:
         if self.train_data_dir and not os.path.isdir(self.train_data_dir):
             problems.append(f"--train_data_dir {self.train_data_dir} is not a directory")
         if self.resume_from_checkpoint is not None:
-            from sdjax.train.checkpoint import parse_ref
+            from sdjax.checkpoints import parse_ref
 
             try:
                 parse_ref(self.resume_from_checkpoint)

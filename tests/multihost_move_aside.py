@@ -18,7 +18,7 @@ def main(output_dir, coordinator, process_id):
     initialize_distributed(coordinator, 2, int(process_id), timeout_seconds=120)
     import jax
 
-    from sdjax.train.checkpoint import RunCheckpoints
+    from sdjax.train.run_checkpoints import RunCheckpoints
 
     if jax.process_index() == 0:
         def refuse(source, destination):

@@ -18,8 +18,8 @@ import pytest
 from sdjax.checkpoints import read_meta
 from sdjax.cli import main
 from sdjax.errors import SdjaxError
-from sdjax.train import checkpoint as checkpoint_module
-from sdjax.train.checkpoint import ABANDONED, RunCheckpoints
+from sdjax.train import run_checkpoints as checkpoint_module
+from sdjax.train.run_checkpoints import ABANDONED, RunCheckpoints
 from tests.conftest import DEMO_DATA
 from tests.helpers import free_port, host_env, run_cli
 from tests.tiny_torch import REPO

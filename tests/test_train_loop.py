@@ -260,7 +260,7 @@ def test_bad_run_inputs(tmp_path, capsys):
 @pytest.mark.jax_api
 def test_checkpoint_references_and_total_limit(tmp_path):
     from sdjax.errors import ConfigError
-    from sdjax.train import checkpoint as ckpt
+    from sdjax.train import run_checkpoints as ckpt
 
     from sdjax.checkpoints import state_layout
 

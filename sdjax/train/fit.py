@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from sdjax import storage
 from sdjax.errors import ConfigError
 from sdjax.parallel import quiet_libtpu_without_tpu
-from sdjax.train.steps import batch_key
+from sdjax.train.step_loop import batch_key
 
 GIB = 2 ** 30
 # GCP accelerator-type names -> JAX topology names (a slice of one host unless stated).

@@ -16,12 +16,12 @@ from sdjax import __version__
 from sdjax.config import TrainConfig, config_to_dict
 from sdjax.errors import ConfigError
 from sdjax.parallel import host_copy, make_mesh, sync_hosts
-from sdjax.train.checkpoint import RunCheckpoints
+from sdjax.train.run_checkpoints import RunCheckpoints
 from sdjax.train.inputs import open_inputs
 from sdjax.train.metrics import MetricsWriter
 from sdjax.train.preemption import Preemption
 from sdjax.train.setup import base_model_spec, run_mesh, start_run
-from sdjax.train.steps import StepLoop
+from sdjax.train.step_loop import StepLoop
 from sdjax.train.trainer import build_trainer
 
 log = logging.getLogger("sdjax")

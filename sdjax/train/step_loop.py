@@ -19,7 +19,7 @@ class StepLoop:
     trainer: object             # sdjax.train.trainer.Trainer
     loader: object
     mesh: object
-    checkpoints: object         # sdjax.train.checkpoint.RunCheckpoints
+    checkpoints: object         # sdjax.train.run_checkpoints.RunCheckpoints
     meta: dict                  # the run record saved with every checkpoint
     writer: object              # sdjax.train.metrics.MetricsWriter
     preemption: object          # sdjax.train.preemption.Preemption
