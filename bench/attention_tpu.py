@@ -214,7 +214,8 @@ def measure_unet(args, devices, name, impl) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from sdjax.pipeline import SHIPPED_CONFIGS, StableDiffusion, build_models, param_shapes
+    from sdjax.pipeline import SHIPPED_CONFIGS, StableDiffusion
+    from sdjax.models.build import build_models, param_shapes
 
     size = UNET_SIZES[name]
     configs = StableDiffusion._read_configs(os.path.join(SHIPPED_CONFIGS, name))

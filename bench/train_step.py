@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from sdjax import StableDiffusion  # noqa: E402
 from sdjax.config import TrainConfig  # noqa: E402
 from sdjax.parallel import batch_sharded, make_mesh, replicated  # noqa: E402
-from sdjax.pipeline import build_models  # noqa: E402
+from sdjax.models.build import build_models  # noqa: E402
 from sdjax.schedule import NoiseSchedule  # noqa: E402
 from sdjax.train.optimizer import run_optimizer  # noqa: E402
 from sdjax.train.state import (adapter_variables, frozen_shardings, init_state,  # noqa: E402

@@ -104,7 +104,7 @@ def _agree(directory: str, key: dict, found: str) -> None:
 
 
 def _encoders(sd, mesh, dtype):
-    from sdjax.pipeline import build_models
+    from sdjax.models.build import build_models
 
     models = build_models(sd.configs, dtype, "xla")
     vae, text_encoder = models["vae"], models["text_encoder"]

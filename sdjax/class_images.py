@@ -26,7 +26,8 @@ from sdjax import storage
 from sdjax.data.sources import IMAGE_SUFFIXES
 from sdjax.errors import ConfigError
 from sdjax.parallel import sync_hosts
-from sdjax.pipeline import MODEL_COMPONENTS, build_models
+from sdjax.pipeline import MODEL_COMPONENTS
+from sdjax.models.build import build_models
 from sdjax.sampling.images import to_pil
 from sdjax.sampling.sampler import Sampler
 

@@ -24,7 +24,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from sdjax.errors import ConfigError, WeightsError
 from sdjax.model_files import is_single_file, load_model, open_model
-from sdjax.pipeline import MODEL_COMPONENTS, build_models, param_shapes
+from sdjax.pipeline import MODEL_COMPONENTS
+from sdjax.models.build import build_models, param_shapes
 from sdjax.weights.convert import _shape_str, _torch_shape, read_param, torch_key
 from sdjax.weights.single_file_save import output_format
 

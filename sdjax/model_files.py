@@ -20,8 +20,9 @@ from typing import Callable, Optional
 
 from sdjax.errors import WeightsError
 from sdjax.hub import COMPONENT_KINDS, resolve_model_dir
+from sdjax.models.build import build_models, param_shapes
 from sdjax.pipeline import (MODEL_COMPONENTS, SHIPPED_CONFIGS, StableDiffusion, _read_json,
-                            build_models, load_tokenizer, param_shapes)
+                            load_tokenizer)
 from sdjax.weights import ldm_config
 from sdjax.weights.convert import load_params
 from sdjax.weights.files import find_weights, open_weights

@@ -20,7 +20,8 @@ from sdjax.models.config import UNetConfig, clip_text_config, unet_config, vae_c
 from sdjax.models.clip import plan_attention as plan_clip
 from sdjax.models.unet import plan_attention as plan_unet
 from sdjax.models.vae import plan_attention as plan_vae
-from sdjax.pipeline import SHIPPED_CONFIGS, build_models, param_shapes
+from sdjax.pipeline import SHIPPED_CONFIGS
+from sdjax.models.build import build_models, param_shapes
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 

@@ -27,7 +27,8 @@ from sdjax.models.clip import plan_attention as plan_clip
 from sdjax.models.unet import plan_attention as plan_unet
 from sdjax.models.vae import plan_attention as plan_vae
 from sdjax.parallel import mesh_context
-from sdjax.pipeline import SHIPPED_CONFIGS, build_models
+from sdjax.pipeline import SHIPPED_CONFIGS
+from sdjax.models.build import build_models
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 

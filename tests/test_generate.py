@@ -162,7 +162,8 @@ def test_generate_bad_input_is_one_line(argv, message, tmp_path):
 
 def validation_for(flags, sd=None):
     from sdjax.config import parse_train_args
-    from sdjax.pipeline import StableDiffusion, build_models
+    from sdjax.pipeline import StableDiffusion
+    from sdjax.models.build import build_models
     from sdjax.train.metrics import MetricsWriter
     from sdjax.train.validation import Validation
 

@@ -20,7 +20,7 @@ MEASURE = """
 import json, resource, sys
 from sdjax.models import UNet2DConditionModel
 from sdjax.models.config import unet_config
-from sdjax.pipeline import param_shapes
+from sdjax.models.build import param_shapes
 from sdjax.weights.convert import load_params
 from sdjax.weights.files import open_weights
 import numpy as np
@@ -40,7 +40,7 @@ def test_unet_loading_peak_memory(tmp_path):
 
     from sdjax.models import UNet2DConditionModel
     from sdjax.models.config import unet_config
-    from sdjax.pipeline import param_shapes
+    from sdjax.models.build import param_shapes
     from sdjax.weights.convert import _torch_shape, torch_key
 
     shapes = param_shapes(UNet2DConditionModel(unet_config(MID_UNET)), "unet")

@@ -8,7 +8,7 @@ import pytest
 from sdjax import ConfigError, StableDiffusion
 from sdjax.models import UNet2DConditionModel
 from sdjax.models.config import unet_config
-from sdjax.pipeline import build_models, count_params
+from sdjax.models.build import build_models, count_params
 
 # Parameter counts of the models as diffusers/transformers build them (shared/DESIGN.md).
 FULL_SIZE = {
@@ -27,7 +27,7 @@ def test_full_size_parameter_counts(name):
 def test_parameter_shapes_are_remembered_per_model(sd1, sd2):
     """param_shapes keeps each model's shapes (a run asks several times): every model gets its
     own, and each call returns its own containers."""
-    from sdjax.pipeline import param_shapes
+    from sdjax.models.build import param_shapes
 
     def shapes(tree):
         return jax.tree_util.tree_map(lambda x: (x.shape, jnp.dtype(x.dtype)), tree)

@@ -10,7 +10,7 @@ Logits and softmax are computed in float32 by every implementation, which is wha
 cuDNN and the TPU kernel take only some attention shapes and dtypes, so a `cudnn`, `flash` or
 `auto` request is resolved per call site when the models are built
 (`choose_attention_implementation`, applied by each model's `plan_attention` and by
-`sdjax.pipeline.build_models`); the modules themselves call the kernel they are given. What
+`sdjax.models.build.build_models`); the modules themselves call the kernel they are given. What
 depends on the input size (the flash kernel's sequence lengths) is checked again when the
 attention is traced, by the same rule, so an image size the plan did not assume falls back to
 XLA instead of failing.

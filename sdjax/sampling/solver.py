@@ -9,7 +9,6 @@ collects them, so adding a sampler is a class and an entry in one module.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Mapping, Optional
 
 import jax.numpy as jnp

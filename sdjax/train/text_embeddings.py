@@ -43,7 +43,7 @@ class PromptEmbeddings:
             raise ConfigError(f"--pre_compute_text_embeddings: {len(texts)} distinct captions "
                               f"(more than {MAX_CAPTIONS}); use --cache_latents, which caches "
                               "them on disk")
-        from sdjax.pipeline import build_models
+        from sdjax.models.build import build_models
 
         dtype = jnp.dtype(dtype_name)
         encoder = build_models(sd.configs, dtype)["text_encoder"]

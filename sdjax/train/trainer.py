@@ -124,7 +124,7 @@ def step_program(cfg: TrainConfig, sd, mesh, max_steps: int, cached_latents: boo
                  text_embeddings: bool) -> StepProgram:
     """The step for this run on `mesh`. `cached_latents` / `text_embeddings`: the batch
     brings VAE latents (no VAE on the devices) / text embeddings (no frozen text encoder)."""
-    from sdjax.pipeline import build_models
+    from sdjax.models.build import build_models
 
     dtype = jnp.dtype(cfg.compute_dtype_name)
     numbers = step_numbers(cfg, max_steps, mesh.devices.size)
