@@ -159,10 +159,10 @@ _STEP_FOLDER = re.compile(r"checkpoint-(\d+)")
 
 def lora_file_names(fmt: str) -> list:
     """The LoRA files a run with --save_lora_format `fmt` writes into a folder."""
-    from sdjax.lora.files import lora_file
+    from sdjax.lora.files import DIFFUSERS_FILE, KOHYA_FILE
 
-    formats = ("diffusers", "kohya") if fmt == "both" else (fmt,)
-    return [lora_file("", f).lstrip("/") for f in formats]
+    names = {"diffusers": [DIFFUSERS_FILE], "kohya": [KOHYA_FILE]}
+    return names.get(fmt, [DIFFUSERS_FILE, KOHYA_FILE])
 
 
 def foreign_lora_files(output_dir: str, fmt: str) -> list:
